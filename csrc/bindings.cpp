@@ -1,0 +1,158 @@
+// pyselfextend._engine: the C++ engine as a Python extension. Compute runs without the GIL.
+#include "engine.h"
+#include "reference.h"
+#include "vocab.h"
+
+#include <pybind11/functional.h>
+#include <pybind11/numpy.h>
+#include <pybind11/pybind11.h>
+#include <pybind11/stl.h>
+
+#include <optional>
+
+namespace py = pybind11;
+using namespace pse;
+
+namespace {
+
+py::array_t<float> to_array(std::vector<float> && v, int64_t rows, int64_t cols) {
+    auto * heap = new std::vector<float>(std::move(v));
+    py::capsule owner(heap, [](void * p) { delete (std::vector<float> *) p; });
+    if (rows < 0) return py::array_t<float>({cols}, heap->data(), owner);
+    return py::array_t<float>({rows, cols}, heap->data(), owner);
+}
+
+std::vector<int32_t> to_tokens(const py::handle & obj) {
+    std::vector<int32_t> out;
+    for (py::handle h : obj) {
+        const long long v = py::cast<long long>(h);
+        if (v < INT32_MIN || v > INT32_MAX) throw std::invalid_argument("token id " + std::to_string(v) + " out of range");
+        out.push_back((int32_t) v);
+    }
+    return out;
+}
+
+ggml_type cache_type_from(const std::string & s) {
+    if (s == "f16") return GGML_TYPE_F16;
+    if (s == "f32") return GGML_TYPE_F32;
+    throw std::invalid_argument("cache_type must be 'f16' or 'f32', got '" + s + "'");
+}
+
+// Runs an eval without the GIL; a Python progress callback is called with the GIL held, and an
+// exception it raises (KeyboardInterrupt included) stops the eval and is re-raised here.
+template <typename Eval>
+py::array_t<float> eval_released(Eval && run, int32_t n_vocab, int64_t n, bool all_logits, py::object progress) {
+    std::optional<py::error_already_set> callback_error;
+    progress_fn fn;
+    if (!progress.is_none()) {
+        fn = [&](int64_t done, int64_t total) -> bool {
+            py::gil_scoped_acquire gil;
+            try {
+                py::object r = progress(done, total);
+                return r.is_none() || r.cast<bool>();
+            } catch (py::error_already_set & e) {
+                callback_error.emplace(std::move(e));
+                return false;
+            }
+        };
+    }
+    std::vector<float> logits;
+    {
+        py::gil_scoped_release release;
+        try {
+            logits = run(fn);
+        } catch (const eval_aborted &) {
+            if (!callback_error) throw;
+        }
+    }
+    if (callback_error) throw std::move(*callback_error);
+    return to_array(std::move(logits), all_logits ? n : -1, n_vocab);
+}
+
+}  // namespace
+
+PYBIND11_MODULE(_engine, m) {
+    m.doc() = "pyselfextend's C++ engine (GGUF llama-family inference on ggml).";
+    static py::exception<eval_aborted> aborted_exc(m, "EvalAborted", PyExc_RuntimeError);
+    m.attr("__version__") = PYSELFEXTEND_VERSION;
+    m.def("set_verbose", &set_verbose_logging, py::arg("verbose"),
+          "Show all libllama/ggml log messages on stderr (default: errors only).");
+    set_verbose_logging(false);
+
+    py::class_<gguf_model, std::shared_ptr<gguf_model>>(m, "Model", "A GGUF model file, validated and memory-mapped.")
+        .def(py::init([](const std::string & path) { return std::shared_ptr<gguf_model>(load_gguf_model(path)); }),
+             py::arg("path"), py::call_guard<py::gil_scoped_release>())
+        .def_property_readonly("path", [](const gguf_model & g) { return g.path; })
+        .def_property_readonly("arch", [](const gguf_model & g) { return g.hp.arch; })
+        .def_property_readonly("name", [](const gguf_model & g) { return g.hp.name; })
+        .def_property_readonly("n_vocab", [](const gguf_model & g) { return g.hp.n_vocab; })
+        .def_property_readonly("n_ctx_train", [](const gguf_model & g) { return g.hp.n_ctx_train; })
+        .def_property_readonly("n_embd", [](const gguf_model & g) { return g.hp.n_embd; })
+        .def_property_readonly("n_layer", [](const gguf_model & g) { return g.hp.n_layer; })
+        .def_property_readonly("n_head", [](const gguf_model & g) { return g.hp.n_head; })
+        .def_property_readonly("n_head_kv", [](const gguf_model & g) { return g.hp.n_head_kv; })
+        .def_property_readonly("head_dim", [](const gguf_model & g) { return g.hp.head_dim; })
+        .def_property_readonly("n_ff", [](const gguf_model & g) { return g.hp.n_ff; })
+        .def_property_readonly("rope_freq_base", [](const gguf_model & g) { return g.hp.rope_freq_base; })
+        .def_property_readonly("file_size", [](const gguf_model & g) { return g.file_size; })
+        .def_property_readonly("n_params", &gguf_model::n_params)
+        .def_property_readonly("weight_types", &gguf_model::weight_types);
+
+    py::class_<engine>(m, "Engine", "A model with its KV cache and CPU compute threads.")
+        .def(py::init([](std::shared_ptr<gguf_model> model, int32_t n_ctx, int32_t n_batch, int32_t n_threads,
+                         const std::string & cache_type) {
+                 engine_params p;
+                 p.n_ctx = n_ctx;
+                 p.n_batch = n_batch;
+                 p.n_threads = n_threads;
+                 p.cache_type = cache_type_from(cache_type);
+                 return new engine(std::move(model), p);
+             }),
+             py::arg("model"), py::arg("n_ctx"), py::arg("n_batch"), py::arg("n_threads"), py::arg("cache_type") = "f16")
+        .def("eval",
+             [](engine & e, py::object tokens, bool all_logits, py::object progress) {
+                 std::vector<int32_t> ids = to_tokens(tokens);
+                 const int64_t n = (int64_t) ids.size();
+                 return eval_released([&](const progress_fn & fn) { return e.eval(ids, all_logits, fn); },
+                                      e.model().hp.n_vocab, n, all_logits, progress);
+             },
+             py::arg("tokens"), py::arg("all_logits") = false, py::arg("progress") = py::none())
+        .def("reset", &engine::reset)
+        .def("abort", &engine::abort)
+        .def("set_n_threads", &engine::set_n_threads)
+        .def_property_readonly("n_past", &engine::n_past)
+        .def_property_readonly("n_ctx", [](const engine & e) { return e.params().n_ctx; })
+        .def_property_readonly("cache_bytes", &engine::cache_bytes);
+
+    py::class_<vocab>(m, "Vocab", "The model's tokenizer and chat template, through libllama.")
+        .def(py::init<const std::string &>(), py::arg("path"), py::call_guard<py::gil_scoped_release>())
+        .def("tokenize", &vocab::tokenize, py::arg("text"), py::arg("add_special"), py::arg("parse_special"))
+        .def("detokenize", [](const vocab & v, py::object ids, bool render_special) {
+                 return py::bytes(v.detokenize(to_tokens(ids), render_special));
+             }, py::arg("ids"), py::arg("render_special") = false)
+        .def("token_to_piece", [](const vocab & v, int32_t id, bool render_special) {
+                 return py::bytes(v.token_to_piece(id, render_special));
+             }, py::arg("id"), py::arg("render_special") = false)
+        .def("is_eog", &vocab::is_eog)
+        .def_property_readonly("n_vocab", &vocab::n_vocab)
+        .def_property_readonly("bos", &vocab::bos)
+        .def_property_readonly("eos", &vocab::eos)
+        .def_property_readonly("chat_template", &vocab::chat_template)
+        .def("apply_chat_template", &vocab::apply_chat_template, py::arg("messages"), py::arg("add_assistant"),
+             py::arg("template_override") = "");
+
+    py::class_<reference_model>(m, "Reference", "llama.cpp's own forward pass, for parity tests and benchmarks.")
+        .def(py::init<const std::string &, int32_t, int32_t, int32_t, bool>(), py::arg("path"), py::arg("n_ctx"),
+             py::arg("n_batch"), py::arg("n_threads"), py::arg("flash_attn") = true,
+             py::call_guard<py::gil_scoped_release>())
+        .def("eval",
+             [](reference_model & r, py::object tokens, bool all_logits) {
+                 std::vector<int32_t> ids = to_tokens(tokens);
+                 const int64_t n = (int64_t) ids.size();
+                 return eval_released([&](const progress_fn &) { return r.eval(ids, all_logits); }, r.n_vocab(), n,
+                                      all_logits, py::none());
+             },
+             py::arg("tokens"), py::arg("all_logits") = false)
+        .def("reset", &reference_model::reset)
+        .def_property_readonly("n_past", &reference_model::n_past);
+}

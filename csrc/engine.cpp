@@ -1,0 +1,90 @@
+#include "engine.h"
+
+#include "ggml-cpu.h"
+
+#include <stdexcept>
+#include <string>
+
+namespace pse {
+
+engine::engine(std::shared_ptr<gguf_model> model, const engine_params & params)
+    : model_(std::move(model)), params_(params) {
+    if (params_.n_ctx < 1) throw std::invalid_argument("n_ctx must be >= 1, got " + std::to_string(params_.n_ctx));
+    if (params_.n_batch < 1) throw std::invalid_argument("n_batch must be >= 1, got " + std::to_string(params_.n_batch));
+    if (params_.n_threads < 1 || params_.n_threads > 512) {
+        throw std::invalid_argument("n_threads must be in [1, 512], got " + std::to_string(params_.n_threads));
+    }
+    backend_ = ggml_backend_cpu_init();
+    if (!backend_) throw std::runtime_error("cannot initialise the ggml CPU backend");
+    ggml_backend_cpu_set_n_threads(backend_, params_.n_threads);
+    ggml_backend_cpu_set_abort_callback(backend_, [](void * data) { return ((std::atomic<bool> *) data)->load(); }, &abort_);
+    cache_.init(model_->hp, params_.n_ctx, params_.cache_type, backend_);
+    galloc_ = ggml_gallocr_new(ggml_backend_get_default_buffer_type(backend_));
+    const size_t max_nodes = llama_graph_max_nodes(*model_);
+    graph_meta_.resize(ggml_tensor_overhead() * max_nodes + ggml_graph_overhead_custom(max_nodes, false));
+}
+
+engine::~engine() {
+    if (galloc_) ggml_gallocr_free(galloc_);
+    // cache_ frees its buffer in its own destructor, which runs after this body; the backend
+    // must outlive nothing that refers to it, the CPU buffers do not.
+    if (backend_) ggml_backend_free(backend_);
+}
+
+void engine::set_n_threads(int32_t n_threads) {
+    if (n_threads < 1 || n_threads > 512) throw std::invalid_argument("n_threads must be in [1, 512]");
+    params_.n_threads = n_threads;
+    ggml_backend_cpu_set_n_threads(backend_, n_threads);
+}
+
+void engine::eval_batch(const int32_t * tokens, int32_t n_tokens, int32_t n_outputs, float * logits_out) {
+    ggml_init_params ip = {graph_meta_.size(), graph_meta_.data(), /*no_alloc =*/ true};
+    ggml_context * ctx = ggml_init(ip);
+    llama_graph_inputs in;
+    ggml_cgraph * gf = build_llama_graph(ctx, *model_, cache_, cache_.n_past, n_tokens, n_outputs, in);
+    if (!ggml_gallocr_alloc_graph(galloc_, gf)) {
+        ggml_free(ctx);
+        throw std::runtime_error("cannot allocate compute buffers for a batch of " + std::to_string(n_tokens));
+    }
+    ggml_backend_tensor_set(in.tokens, tokens, 0, (size_t) n_tokens * sizeof(int32_t));
+    set_attention_batch_inputs(in.attn);
+
+    const ggml_status status = ggml_backend_graph_compute(backend_, gf);
+    if (status == GGML_STATUS_SUCCESS && in.logits && logits_out) {
+        ggml_backend_tensor_get(in.logits, logits_out, 0, ggml_nbytes(in.logits));
+    }
+    ggml_free(ctx);
+    if (status == GGML_STATUS_ABORTED) throw eval_aborted("evaluation stopped");
+    if (status != GGML_STATUS_SUCCESS) throw std::runtime_error("graph computation failed");
+    cache_.n_past += n_tokens;
+}
+
+std::vector<float> engine::eval(const std::vector<int32_t> & tokens, bool all_logits, const progress_fn & progress) {
+    const int64_t n = (int64_t) tokens.size();
+    const int32_t n_vocab = model_->hp.n_vocab;
+    if (n == 0) throw std::invalid_argument("eval() needs at least one token");
+    for (int64_t i = 0; i < n; ++i) {
+        if (tokens[i] < 0 || tokens[i] >= n_vocab) {
+            throw std::invalid_argument("token id " + std::to_string(tokens[i]) + " at index " + std::to_string(i) +
+                                        " is outside the vocabulary [0, " + std::to_string(n_vocab) + ")");
+        }
+    }
+    if (cache_.n_past + n > params_.n_ctx) {
+        throw std::length_error(std::to_string(cache_.n_past) + " cached + " + std::to_string(n) +
+                                " new tokens exceed the context size n_ctx=" + std::to_string(params_.n_ctx));
+    }
+    abort_ = false;
+    std::vector<float> logits(all_logits ? (size_t) n * n_vocab : (size_t) n_vocab);
+    for (int64_t done = 0; done < n;) {
+        const int32_t nb = (int32_t) std::min<int64_t>(params_.n_batch, n - done);
+        const bool last = done + nb == n;
+        const int32_t n_out = all_logits ? nb : (last ? 1 : 0);
+        float * dst = all_logits ? logits.data() + (size_t) done * n_vocab : (last ? logits.data() : nullptr);
+        eval_batch(tokens.data() + done, nb, n_out, dst);
+        done += nb;
+        if (progress && !progress(done, n) && done < n) throw eval_aborted("evaluation stopped by the progress callback");
+    }
+    return logits;
+}
+
+}  // namespace pse

@@ -1,0 +1,64 @@
+// The engine: a loaded model, its KV cache and a CPU backend. eval() runs batches through the graph.
+#pragma once
+
+#include "llama_graph.h"
+
+#include "ggml-alloc.h"
+
+#include <atomic>
+#include <functional>
+#include <stdexcept>
+#include <memory>
+#include <vector>
+
+namespace pse {
+
+struct engine_params {
+    int32_t n_ctx = 4096;
+    int32_t n_batch = 512;
+    int32_t n_threads = 4;
+    ggml_type cache_type = GGML_TYPE_F16;
+};
+
+// Called after each batch with (tokens done, tokens total); returning false stops the eval.
+using progress_fn = std::function<bool(int64_t, int64_t)>;
+
+// Thrown when a progress callback or abort() stopped an eval. The cache then holds the batches
+// that completed, so the caller may reset() or keep going.
+struct eval_aborted : std::runtime_error {
+    using std::runtime_error::runtime_error;
+};
+
+class engine {
+public:
+    engine(std::shared_ptr<gguf_model> model, const engine_params & params);
+    ~engine();
+    engine(const engine &) = delete;
+    engine & operator=(const engine &) = delete;
+
+    // Appends tokens to the cache in batches of n_batch. Returns the logits of the last token
+    // ([n_vocab]) or, with all_logits, of every token ([n_tokens * n_vocab], row per token).
+    std::vector<float> eval(const std::vector<int32_t> & tokens, bool all_logits,
+                            const progress_fn & progress = nullptr);
+
+    void reset() { cache_.clear(); }
+    void abort() { abort_ = true; }  // safe from any thread; stops the running eval
+    int32_t n_past() const { return cache_.n_past; }
+    const engine_params & params() const { return params_; }
+    const gguf_model & model() const { return *model_; }
+    size_t cache_bytes() const { return cache_.bytes(); }
+    void set_n_threads(int32_t n_threads);
+
+private:
+    std::shared_ptr<gguf_model> model_;
+    engine_params params_;
+    ggml_backend_t backend_ = nullptr;
+    ggml_gallocr_t galloc_ = nullptr;
+    kv_cache cache_;
+    std::vector<uint8_t> graph_meta_;  // memory for tensor and graph descriptors
+    std::atomic<bool> abort_{false};
+
+    void eval_batch(const int32_t * tokens, int32_t n_tokens, int32_t n_outputs, float * logits_out);
+};
+
+}  // namespace pse

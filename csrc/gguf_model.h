@@ -1,0 +1,73 @@
+// GGUF file -> hyperparameters and weight tensors, memory-mapped (no copy of the weights).
+#pragma once
+
+#include "ggml.h"
+#include "ggml-backend.h"
+#include "gguf.h"
+
+#include <cstdint>
+#include <memory>
+#include <string>
+#include <vector>
+
+namespace pse {
+
+// Hyperparameters of a llama-family model, read from GGUF metadata.
+struct llama_hparams {
+    std::string arch;          // general.architecture
+    std::string name;          // general.name (may be empty)
+    int32_t n_vocab     = 0;
+    int32_t n_ctx_train = 0;   // <arch>.context_length: the L of SelfExtend
+    int32_t n_embd      = 0;
+    int32_t n_layer     = 0;
+    int32_t n_head      = 0;
+    int32_t n_head_kv   = 0;
+    int32_t n_ff        = 0;
+    int32_t head_dim    = 0;   // D
+    int32_t n_rot       = 0;   // rotated dimensions (== head_dim for llama)
+    int32_t rope_mode   = 0;   // 0: adjacent pairs (llama), GGML_ROPE_TYPE_NEOX: halves
+    float   rope_freq_base  = 10000.0f;
+    float   rope_freq_scale = 1.0f;  // linear RoPE scaling baked into the file (1/factor)
+    float   rms_eps         = 1e-5f;
+};
+
+struct llama_layer {
+    ggml_tensor * attn_norm = nullptr;
+    ggml_tensor * wq = nullptr, * wk = nullptr, * wv = nullptr, * wo = nullptr;
+    ggml_tensor * bq = nullptr, * bk = nullptr, * bv = nullptr, * bo = nullptr;  // optional biases
+    ggml_tensor * ffn_norm = nullptr;
+    ggml_tensor * ffn_gate = nullptr, * ffn_up = nullptr, * ffn_down = nullptr;
+};
+
+// A loaded model. Weight tensors point into the mmapped file through a CPU backend buffer.
+struct gguf_model {
+    std::string path;
+    size_t file_size = 0;
+    llama_hparams hp;
+
+    gguf_context * gguf = nullptr;      // metadata
+    ggml_context * ctx  = nullptr;      // tensor descriptors (no data of its own)
+    void * mapping      = nullptr;      // the whole file, read-only
+    ggml_backend_buffer_t weights = nullptr;
+
+    ggml_tensor * token_embd  = nullptr;
+    ggml_tensor * output_norm = nullptr;
+    ggml_tensor * output      = nullptr;  // == token_embd when embeddings are tied
+    ggml_tensor * rope_freqs  = nullptr;  // optional per-dimension frequency factors (llama 3)
+    std::vector<llama_layer> layers;
+
+    int64_t n_params() const;
+    std::vector<std::string> weight_types() const;  // distinct ggml type names, most common first
+
+    gguf_model() = default;
+    gguf_model(const gguf_model &) = delete;
+    gguf_model & operator=(const gguf_model &) = delete;
+    ~gguf_model();
+};
+
+// Opens and validates a GGUF file. Throws std::invalid_argument with a message that names the
+// problem (missing file, not GGUF, truncated, unsupported architecture or tensor type, bad shape)
+// before anything reaches a ggml assert.
+std::unique_ptr<gguf_model> load_gguf_model(const std::string & path);
+
+}  // namespace pse

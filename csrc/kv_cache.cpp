@@ -1,0 +1,36 @@
+#include "kv_cache.h"
+
+#include <stdexcept>
+
+namespace pse {
+
+kv_cache::~kv_cache() {
+    if (buffer) ggml_backend_buffer_free(buffer);
+    if (ctx) ggml_free(ctx);
+}
+
+void kv_cache::init(const llama_hparams & hp, int32_t n_ctx_, ggml_type type_, ggml_backend_t backend) {
+    if (type_ != GGML_TYPE_F16 && type_ != GGML_TYPE_F32) throw std::invalid_argument("KV cache type must be f16 or f32");
+    type = type_;
+    n_ctx = n_ctx_;
+    n_past = 0;
+    n_embd_kv = (int64_t) hp.head_dim * hp.n_head_kv;
+
+    ggml_init_params params = {/*mem_size =*/ ggml_tensor_overhead() * (size_t) (2 * hp.n_layer + 1),
+                               /*mem_buffer =*/ nullptr, /*no_alloc =*/ true};
+    ctx = ggml_init(params);
+    for (int il = 0; il < hp.n_layer; ++il) {
+        k.push_back(ggml_new_tensor_2d(ctx, type, n_embd_kv, n_ctx));
+        v.push_back(ggml_new_tensor_2d(ctx, type, n_embd_kv, n_ctx));
+        ggml_format_name(k.back(), "cache_k_l%d", il);
+        ggml_format_name(v.back(), "cache_v_l%d", il);
+    }
+    buffer = ggml_backend_alloc_ctx_tensors(ctx, backend);
+    if (!buffer) throw std::runtime_error("cannot allocate the KV cache (" + std::to_string(n_ctx) + " tokens)");
+    // Unwritten cells are never read unmasked, but zeros keep any masked-out product finite.
+    ggml_backend_buffer_clear(buffer, 0);
+}
+
+size_t kv_cache::bytes() const { return buffer ? ggml_backend_buffer_get_size(buffer) : 0; }
+
+}  // namespace pse

@@ -1,0 +1,29 @@
+// The KV cache: per layer, one row of K and one row of V per token, all heads side by side.
+#pragma once
+
+#include "gguf_model.h"
+
+namespace pse {
+
+struct kv_cache {
+    ggml_type type   = GGML_TYPE_F16;
+    int32_t n_ctx    = 0;      // capacity in tokens
+    int32_t n_past   = 0;      // tokens stored so far
+    int64_t n_embd_kv = 0;     // head_dim * n_head_kv
+    ggml_context * ctx = nullptr;
+    ggml_backend_buffer_t buffer = nullptr;
+    std::vector<ggml_tensor *> k;  // [n_embd_kv, n_ctx] per layer
+    std::vector<ggml_tensor *> v;  // [n_embd_kv, n_ctx] per layer
+
+    kv_cache() = default;
+    kv_cache(const kv_cache &) = delete;
+    kv_cache & operator=(const kv_cache &) = delete;
+    ~kv_cache();
+
+    // Allocates (zeroed) storage for n_ctx tokens on the given backend.
+    void init(const llama_hparams & hp, int32_t n_ctx, ggml_type type, ggml_backend_t backend);
+    void clear() { n_past = 0; }
+    size_t bytes() const;
+};
+
+}  // namespace pse

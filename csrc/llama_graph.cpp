@@ -1,0 +1,89 @@
+#include "llama_graph.h"
+
+#include <cmath>
+
+namespace pse {
+
+size_t llama_graph_max_nodes(const gguf_model & model) { return 256 + 64 * (size_t) model.hp.n_layer; }
+
+static ggml_tensor * add_bias(ggml_context * ctx, ggml_tensor * x, ggml_tensor * bias) {
+    return bias ? ggml_add(ctx, x, bias) : x;
+}
+
+ggml_cgraph * build_llama_graph(ggml_context * ctx, const gguf_model & model, kv_cache & cache,
+                                int32_t n_past, int32_t n_tokens, int32_t n_outputs,
+                                llama_graph_inputs & in) {
+    const llama_hparams & hp = model.hp;
+    ggml_cgraph * gf = ggml_new_graph_custom(ctx, llama_graph_max_nodes(model), false);
+
+    in.tokens = ggml_new_tensor_1d(ctx, GGML_TYPE_I32, n_tokens);
+    ggml_set_name(in.tokens, "inp_tokens");
+    ggml_set_input(in.tokens);
+    in.attn = make_attention_batch(ctx, n_past, n_tokens);
+
+    rope_params rope;
+    rope.n_rot = hp.n_rot;
+    rope.mode = hp.rope_mode;
+    rope.n_ctx_orig = hp.n_ctx_train;
+    rope.freq_base = hp.rope_freq_base;
+    rope.freq_scale = hp.rope_freq_scale;
+    rope.freq_factors = model.rope_freqs;
+    const float kq_scale = 1.0f / std::sqrt((float) hp.head_dim);
+
+    ggml_tensor * x = ggml_get_rows(ctx, model.token_embd, in.tokens);  // [n_embd, n_tokens]
+
+    for (int il = 0; il < hp.n_layer; ++il) {
+        const llama_layer & L = model.layers[il];
+
+        ggml_tensor * cur = ggml_mul(ctx, ggml_rms_norm(ctx, x, hp.rms_eps), L.attn_norm);
+        ggml_format_name(cur, "attn_norm-%d", il);
+        ggml_tensor * q = add_bias(ctx, ggml_mul_mat(ctx, L.wq, cur), L.bq);
+        ggml_tensor * k = add_bias(ctx, ggml_mul_mat(ctx, L.wk, cur), L.bk);
+        ggml_tensor * v = add_bias(ctx, ggml_mul_mat(ctx, L.wv, cur), L.bv);
+        q = ggml_reshape_3d(ctx, q, hp.head_dim, hp.n_head, n_tokens);
+        k = ggml_reshape_3d(ctx, k, hp.head_dim, hp.n_head_kv, n_tokens);
+
+        cur = build_attention(ctx, gf, cache, il, in.attn, rope, q, k, v, kq_scale);
+        ggml_format_name(cur, "kqv_out-%d", il);
+        cur = add_bias(ctx, ggml_mul_mat(ctx, L.wo, cur), L.bo);
+        ggml_format_name(cur, "attn_out-%d", il);
+
+        if (il == hp.n_layer - 1 && n_outputs < n_tokens) {
+            // Only the rows whose logits are wanted go through the last FFN and the output head.
+            const int32_t n_keep = n_outputs > 0 ? n_outputs : 1;
+            const size_t off = (size_t) (n_tokens - n_keep);
+            cur = ggml_view_2d(ctx, cur, cur->ne[0], n_keep, cur->nb[1], off * cur->nb[1]);
+            x   = ggml_view_2d(ctx, x, x->ne[0], n_keep, x->nb[1], off * x->nb[1]);
+        }
+        x = ggml_add(ctx, cur, x);
+        ggml_format_name(x, "ffn_inp-%d", il);
+
+        cur = ggml_mul(ctx, ggml_rms_norm(ctx, x, hp.rms_eps), L.ffn_norm);
+        ggml_format_name(cur, "ffn_norm-%d", il);
+        ggml_tensor * gate = ggml_mul_mat(ctx, L.ffn_gate, cur);
+        ggml_tensor * up   = ggml_mul_mat(ctx, L.ffn_up, cur);
+        ggml_format_name(gate, "ffn_gate-%d", il);
+        ggml_format_name(up, "ffn_up-%d", il);
+        cur = ggml_swiglu_split(ctx, gate, up);
+        ggml_format_name(cur, "ffn_swiglu-%d", il);
+        cur = ggml_mul_mat(ctx, L.ffn_down, cur);
+        ggml_format_name(cur, "ffn_out-%d", il);
+        x = ggml_add(ctx, cur, x);
+        ggml_format_name(x, "l_out-%d", il);
+    }
+
+    if (n_outputs == 0) {
+        // The cache writes are already in the graph; the last hidden state is not needed.
+        in.logits = nullptr;
+        ggml_build_forward_expand(gf, x);
+        return gf;
+    }
+    x = ggml_mul(ctx, ggml_rms_norm(ctx, x, hp.rms_eps), model.output_norm);
+    in.logits = ggml_mul_mat(ctx, model.output, x);
+    ggml_set_name(in.logits, "logits");
+    ggml_set_output(in.logits);
+    ggml_build_forward_expand(gf, in.logits);
+    return gf;
+}
+
+}  // namespace pse

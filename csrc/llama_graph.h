@@ -1,0 +1,22 @@
+// The llama-family forward graph for one batch: embeddings -> N x (RMSNorm, attention, RMSNorm,
+// SwiGLU FFN) -> RMSNorm -> output projection.
+#pragma once
+
+#include "attention.h"
+
+namespace pse {
+
+struct llama_graph_inputs {
+    ggml_tensor * tokens = nullptr;  // I32 [n_tokens]
+    attention_batch attn;
+    ggml_tensor * logits = nullptr;  // F32 [n_vocab, n_outputs], or null when n_outputs == 0
+};
+
+// n_outputs: 0 (fill the cache only), 1 (logits of the last token) or n_tokens (all logits).
+ggml_cgraph * build_llama_graph(ggml_context * ctx, const gguf_model & model, kv_cache & cache,
+                                int32_t n_past, int32_t n_tokens, int32_t n_outputs,
+                                llama_graph_inputs & inputs);
+
+size_t llama_graph_max_nodes(const gguf_model & model);
+
+}  // namespace pse

@@ -1,0 +1,85 @@
+#include "reference.h"
+
+#include "llama.h"
+
+#include <algorithm>
+#include <cstring>
+#include <stdexcept>
+
+namespace pse {
+
+reference_model::reference_model(const std::string & path, int32_t n_ctx, int32_t n_batch, int32_t n_threads,
+                                 bool flash_attn)
+    : n_ctx_(n_ctx), n_batch_(n_batch) {
+    if (n_ctx < 1 || n_batch < 1 || n_threads < 1) throw std::invalid_argument("n_ctx, n_batch and n_threads must be >= 1");
+    llama_backend_init();
+    llama_model_params mp = llama_model_default_params();
+    mp.n_gpu_layers = 0;
+    model_ = llama_model_load_from_file(path.c_str(), mp);
+    if (!model_) throw std::invalid_argument(path + ": llama.cpp could not load the model");
+    llama_context_params cp = llama_context_default_params();
+    cp.n_ctx = n_ctx;
+    cp.n_batch = n_batch;
+    cp.n_ubatch = n_batch;
+    cp.n_seq_max = 1;
+    cp.n_threads = n_threads;
+    cp.n_threads_batch = n_threads;
+    cp.flash_attn_type = flash_attn ? LLAMA_FLASH_ATTN_TYPE_ENABLED : LLAMA_FLASH_ATTN_TYPE_DISABLED;
+    cp.type_k = GGML_TYPE_F16;
+    cp.type_v = GGML_TYPE_F16;
+    cp.no_perf = true;
+    ctx_ = llama_init_from_model(model_, cp);
+    if (!ctx_) {
+        llama_model_free(model_);
+        throw std::runtime_error("llama.cpp could not create a context");
+    }
+    n_vocab_ = llama_vocab_n_tokens(llama_model_get_vocab(model_));
+}
+
+reference_model::~reference_model() {
+    if (ctx_) llama_free(ctx_);
+    if (model_) llama_model_free(model_);
+}
+
+void reference_model::reset() {
+    llama_memory_clear(llama_get_memory(ctx_), true);
+    n_past_ = 0;
+}
+
+std::vector<float> reference_model::eval(const std::vector<int32_t> & tokens, bool all_logits) {
+    const int32_t n = (int32_t) tokens.size();
+    if (n == 0) throw std::invalid_argument("eval() needs at least one token");
+    if (n_past_ + n > n_ctx_) throw std::length_error("tokens exceed the reference context");
+    for (int32_t t : tokens) {
+        if (t < 0 || t >= n_vocab_) throw std::invalid_argument("token id outside the vocabulary");
+    }
+    std::vector<float> out(all_logits ? (size_t) n * n_vocab_ : (size_t) n_vocab_);
+    llama_batch batch = llama_batch_init(n_batch_, 0, 1);
+    for (int32_t done = 0; done < n;) {
+        const int32_t nb = std::min(n_batch_, n - done);
+        batch.n_tokens = nb;
+        for (int32_t i = 0; i < nb; ++i) {
+            batch.token[i] = tokens[done + i];
+            batch.pos[i] = n_past_ + i;
+            batch.n_seq_id[i] = 1;
+            batch.seq_id[i][0] = 0;
+            batch.logits[i] = all_logits || (done + i == n - 1);
+        }
+        if (llama_decode(ctx_, batch) != 0) {
+            llama_batch_free(batch);
+            throw std::runtime_error("llama_decode failed");
+        }
+        for (int32_t i = 0; i < nb; ++i) {
+            if (!batch.logits[i]) continue;
+            const float * l = llama_get_logits_ith(ctx_, i);
+            float * dst = all_logits ? out.data() + (size_t) (done + i) * n_vocab_ : out.data();
+            std::memcpy(dst, l, sizeof(float) * n_vocab_);
+        }
+        n_past_ += nb;
+        done += nb;
+    }
+    llama_batch_free(batch);
+    return out;
+}
+
+}  // namespace pse
