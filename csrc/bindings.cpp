@@ -118,6 +118,7 @@ PYBIND11_MODULE(_engine, m) {
              },
              py::arg("tokens"), py::arg("all_logits") = false, py::arg("progress") = py::none())
         .def("reset", &engine::reset)
+        .def("truncate", &engine::truncate, py::arg("n"))
         .def("abort", &engine::abort)
         .def("set_n_threads", &engine::set_n_threads)
         .def_property_readonly("n_past", &engine::n_past)
@@ -154,5 +155,6 @@ PYBIND11_MODULE(_engine, m) {
              },
              py::arg("tokens"), py::arg("all_logits") = false)
         .def("reset", &reference_model::reset)
+        .def("truncate", &reference_model::truncate, py::arg("n"))
         .def_property_readonly("n_past", &reference_model::n_past);
 }

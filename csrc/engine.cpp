@@ -31,6 +31,13 @@ engine::~engine() {
     if (backend_) ggml_backend_free(backend_);
 }
 
+void engine::truncate(int32_t n) {
+    if (n < 0 || n > cache_.n_past) {
+        throw std::invalid_argument("truncate(" + std::to_string(n) + "): the cache holds " + std::to_string(cache_.n_past) + " tokens");
+    }
+    cache_.n_past = n;
+}
+
 void engine::set_n_threads(int32_t n_threads) {
     if (n_threads < 1 || n_threads > 512) throw std::invalid_argument("n_threads must be in [1, 512]");
     params_.n_threads = n_threads;

@@ -42,6 +42,8 @@ public:
                             const progress_fn & progress = nullptr);
 
     void reset() { cache_.clear(); }
+    // Forgets every token from position n on (rows past n are simply overwritten later).
+    void truncate(int32_t n);
     void abort() { abort_ = true; }  // safe from any thread; stops the running eval
     int32_t n_past() const { return cache_.n_past; }
     const engine_params & params() const { return params_; }

@@ -46,6 +46,12 @@ void reference_model::reset() {
     n_past_ = 0;
 }
 
+void reference_model::truncate(int32_t n) {
+    if (n < 0 || n > n_past_) throw std::invalid_argument("truncate: position out of range");
+    llama_memory_seq_rm(llama_get_memory(ctx_), 0, n, -1);
+    n_past_ = n;
+}
+
 std::vector<float> reference_model::eval(const std::vector<int32_t> & tokens, bool all_logits) {
     const int32_t n = (int32_t) tokens.size();
     if (n == 0) throw std::invalid_argument("eval() needs at least one token");

@@ -21,6 +21,7 @@ public:
     // Same contract as engine::eval: appends to the cache, last-token or all logits.
     std::vector<float> eval(const std::vector<int32_t> & tokens, bool all_logits);
     void reset();
+    void truncate(int32_t n);  // forget positions >= n
     int32_t n_past() const { return n_past_; }
     int32_t n_vocab() const { return n_vocab_; }
 

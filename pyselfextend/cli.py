@@ -1,0 +1,216 @@
+"""The ``pyselfextend`` command."""
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import sys
+from typing import List, Optional
+
+from . import models
+
+DESCRIPTION = """\
+Run quantized GGUF llama-family models on the CPU.
+
+Generated text goes to stdout; logs and progress go to stderr. MODEL is a GGUF file or a
+catalogue name; without --model the default model is used (fetch it first with
+'pyselfextend pull'). Sizes such as --ctx accept plain numbers or 'k' suffixes (16k = 16384).
+"""
+
+EPILOG = """\
+examples:
+  pyselfextend pull
+  pyselfextend generate --prompt "The capital of France is" --max-tokens 32 --temperature 0
+  pyselfextend generate --prompt-file report.txt --ctx 8k --max-tokens 200 < /dev/null
+  echo "Write a haiku about autumn." | pyselfextend chat --max-tokens 64
+  pyselfextend info
+  pyselfextend bench --threads 2
+
+environment:
+  PYSELFEXTEND_MODELS   where pulled models are stored (default ~/.cache/pyselfextend/models)
+"""
+
+
+def parse_size(text: str) -> int:
+    """'16k' -> 16384, '4096' -> 4096."""
+    m = re.fullmatch(r"\s*(\d+)\s*([kKmM]?)\s*", str(text))
+    if not m:
+        raise argparse.ArgumentTypeError(f"not a size: {text!r} (use e.g. 4096 or 16k)")
+    value = int(m.group(1)) * {"": 1, "k": 1024, "m": 1024 * 1024}[m.group(2).lower()]
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"size must be positive: {text!r}")
+    return value
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1: {text!r}")
+    return value
+
+
+def _add_model_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", "-m", metavar="MODEL", help="GGUF file or catalogue name (default: the default model)")
+    p.add_argument("--threads", "-t", type=_positive_int, default=None, metavar="N",
+                   help="CPU threads (default: all available)")
+    p.add_argument("--verbose", "-v", action="store_true", help="show libllama/ggml log messages")
+
+
+def _add_generation_args(p: argparse.ArgumentParser) -> None:
+    src = p.add_mutually_exclusive_group()
+    src.add_argument("--prompt", "-p", metavar="TEXT", help="prompt text (default: read stdin)")
+    src.add_argument("--prompt-file", "-f", metavar="FILE", help="read the prompt from FILE")
+    p.add_argument("--ctx", "-c", type=parse_size, default=4096, metavar="N",
+                   help="context size: prompt + generated tokens (default 4096; accepts 16k)")
+    p.add_argument("--batch", type=_positive_int, default=512, metavar="N", help="prompt batch size (default 512)")
+    p.add_argument("--max-tokens", "-n", type=int, default=256, metavar="N", help="tokens to generate (default 256)")
+    p.add_argument("--temperature", "--temp", type=float, default=0.8, metavar="T",
+                   help="sampling temperature; 0 is greedy (default 0.8)")
+    p.add_argument("--top-k", type=int, default=40, metavar="K", help="keep the K most likely tokens; 0 disables (default 40)")
+    p.add_argument("--top-p", type=float, default=0.95, metavar="P", help="nucleus sampling threshold (default 0.95)")
+    p.add_argument("--min-p", type=float, default=0.05, metavar="P", help="drop tokens below P x the top probability (default 0.05)")
+    p.add_argument("--repeat-penalty", type=float, default=1.0, metavar="R", help="penalty for recent tokens (default 1.0: off)")
+    p.add_argument("--seed", type=int, default=None, metavar="S", help="random seed for repeatable sampling")
+    p.add_argument("--stop", action="append", default=None, metavar="TEXT", help="stop before TEXT (repeatable)")
+
+
+def _read_prompt(args: argparse.Namespace) -> str:
+    if args.prompt is not None:
+        return args.prompt
+    if args.prompt_file is not None:
+        with open(args.prompt_file, encoding="utf-8") as f:
+            return f.read()
+    if sys.stdin is None or sys.stdin.isatty():
+        raise ValueError("no prompt: give --prompt TEXT, --prompt-file FILE, or pipe text on stdin")
+    return sys.stdin.read()
+
+
+def _open_model(args: argparse.Namespace, n_ctx: int, n_batch: int = 512):
+    from .model import LocalModel
+
+    return LocalModel(args.model, n_ctx=n_ctx, n_threads=args.threads, n_batch=n_batch, verbose=args.verbose)
+
+
+def _run_generation(args: argparse.Namespace, chat: bool) -> int:
+    from .progress import ProgressBar
+
+    prompt = _read_prompt(args)
+    llm = _open_model(args, args.ctx, args.batch)
+    kwargs = dict(max_tokens=args.max_tokens, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
+                  min_p=args.min_p, repeat_penalty=args.repeat_penalty, seed=args.seed, stop=args.stop,
+                  stream=True, progress=ProgressBar())
+    if chat:
+        pieces = llm.chat([{"role": "user", "content": prompt}], **kwargs)
+    else:
+        pieces = llm.generate(prompt, **kwargs)
+    for piece in pieces:
+        sys.stdout.write(piece)
+        sys.stdout.flush()
+    sys.stdout.write("\n")
+    return 0
+
+
+def cmd_pull(args: argparse.Namespace) -> int:
+    models.pull(args.name)
+    return 0
+
+
+def cmd_info(args: argparse.Namespace) -> int:
+    from . import _engine
+
+    path = models.resolve_model(args.model)
+    m = _engine.Model(str(path))
+    info = {
+        "path": str(path), "name": m.name, "architecture": m.arch, "n_ctx_train": m.n_ctx_train,
+        "n_params": m.n_params, "n_layer": m.n_layer, "n_embd": m.n_embd, "n_head": m.n_head,
+        "n_head_kv": m.n_head_kv, "head_dim": m.head_dim, "n_ff": m.n_ff, "n_vocab": m.n_vocab,
+        "rope_freq_base": m.rope_freq_base, "weight_types": list(m.weight_types), "file_size": m.file_size,
+    }
+    if args.json:
+        print(json.dumps(info, indent=2))
+    else:
+        width = max(len(k) for k in info)
+        for k, v in info.items():
+            if k == "weight_types":
+                v = ", ".join(v)
+            elif k == "file_size":
+                v = f"{v:,} bytes ({v / 2**20:.1f} MiB)"
+            elif k == "n_params":
+                v = f"{v:,}"
+            print(f"{k:<{width}}  {v}")
+    return 0
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    from .bench import run_bench
+
+    return run_bench(args)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="pyselfextend", description=DESCRIPTION, epilog=EPILOG,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__import__('pyselfextend').__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+
+    p = sub.add_parser("pull", help="fetch a catalogue model into the model cache (sha256 checked)",
+                       description="Fetch a catalogue model into the model cache; its sha256 is checked.")
+    p.add_argument("name", nargs="?", default=None,
+                   help=f"catalogue name (default: {models.default_model_name()}); known: "
+                        + ", ".join(sorted(models.catalogue())))
+    p.set_defaults(func=cmd_pull)
+
+    p = sub.add_parser("info", help="show a model's architecture, trained context, size and weight types",
+                       description="Show what a GGUF model file holds.")
+    p.add_argument("model", nargs="?", default=None, metavar="MODEL", help="GGUF file or catalogue name")
+    p.add_argument("--json", action="store_true", help="print JSON")
+    p.set_defaults(func=cmd_info)
+
+    p = sub.add_parser("generate", help="continue a prompt", description="Continue a prompt; the text goes to stdout.")
+    _add_model_args(p)
+    _add_generation_args(p)
+    p.set_defaults(func=lambda a: _run_generation(a, chat=False))
+
+    p = sub.add_parser("chat", help="answer one user message through the model's chat template",
+                       description="Answer one user message, formatted with the model's own chat template.")
+    _add_model_args(p)
+    _add_generation_args(p)
+    p.set_defaults(func=lambda a: _run_generation(a, chat=True))
+
+    p = sub.add_parser("bench", help="prefill and decode speed against llama.cpp, in one run",
+                       description="Measure prompt processing (prefill) and decode speed of pyselfextend and of "
+                                   "llama.cpp (libllama from the pinned source, flash attention on and off) on the "
+                                   "same model file, threads and machine, in one run, and print the ratios.")
+    _add_model_args(p)
+    p.add_argument("--n-prompt", type=_positive_int, default=512, metavar="N", help="prefill tokens (default 512)")
+    p.add_argument("--n-gen", type=_positive_int, default=128, metavar="N", help="decoded tokens (default 128)")
+    p.add_argument("--depths", default="0", metavar="LIST",
+                   help="comma-separated cache depths to measure at, e.g. 0,4k,8k (default 0)")
+    p.add_argument("--repetitions", "-r", type=_positive_int, default=3, metavar="N",
+                   help="runs per measurement; the median is reported (default 3)")
+    p.add_argument("--json", action="store_true", help="print JSON")
+    p.set_defaults(func=cmd_bench)
+    return parser
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not getattr(args, "command", None):
+        parser.print_help(sys.stderr)
+        return 2
+    try:
+        return int(args.func(args) or 0)
+    except KeyboardInterrupt:
+        print("\ninterrupted", file=sys.stderr)
+        return 130
+    except (ValueError, FileNotFoundError, RuntimeError, OSError) as e:
+        print(f"pyselfextend: error: {e}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
