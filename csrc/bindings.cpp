@@ -73,7 +73,7 @@ py::array_t<float> eval_released(Eval && run, int32_t n_vocab, int64_t n, bool a
 
 PYBIND11_MODULE(_engine, m) {
     m.doc() = "pyselfextend's C++ engine (GGUF llama-family inference on ggml).";
-    static py::exception<eval_aborted> aborted_exc(m, "EvalAborted", PyExc_RuntimeError);
+    py::register_exception<eval_aborted>(m, "EvalAborted", PyExc_RuntimeError);
     m.attr("__version__") = PYSELFEXTEND_VERSION;
     m.def("set_verbose", &set_verbose_logging, py::arg("verbose"),
           "Show all libllama/ggml log messages on stderr (default: errors only).");

@@ -1,0 +1,35 @@
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).parent))
+
+from tiny_gguf import TinySpec, write_tiny_model  # noqa: E402
+
+from pyselfextend import models  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def smollm_path() -> Path:
+    """The real default model (SmolLM2-135M-Instruct Q4_1), pulled into the cache on first use."""
+    path = models.model_path()
+    if not path.exists():
+        models.pull()
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tmp_path_factory):
+    """Factory: tiny_model(**TinySpec fields) -> path of a random tiny GGUF model (cached per spec)."""
+    made = {}
+
+    def make(**kwargs) -> Path:
+        spec = TinySpec(**kwargs)
+        if spec not in made:
+            made[spec] = write_tiny_model(tmp_path_factory.mktemp("tiny") / "model.gguf", spec)
+        return made[spec]
+
+    return make
