@@ -1,53 +1,143 @@
 #include "attention.h"
 
+#include <algorithm>
 #include <cmath>
 #include <vector>
 
 namespace pse {
 
-attention_batch make_attention_batch(ggml_context * ctx, int32_t n_past, int32_t n_tokens) {
-    attention_batch b;
+namespace {
+
+ggml_tensor * new_input(ggml_context * ctx, ggml_type type, int64_t ne0, int64_t ne1, const char * name) {
+    ggml_tensor * t = ne1 > 0 ? ggml_new_tensor_2d(ctx, type, ne0, ne1) : ggml_new_tensor_1d(ctx, type, ne0);
+    ggml_set_name(t, name);
+    ggml_set_input(t);
+    return t;
+}
+
+void set_i32(ggml_tensor * t, const std::vector<int32_t> & v) {
+    ggml_backend_tensor_set(t, v.data(), 0, v.size() * sizeof(int32_t));
+}
+
+ggml_tensor * rope(ggml_context * ctx, ggml_tensor * x, ggml_tensor * pos, const rope_params & r) {
+    return ggml_rope_ext(ctx, x, pos, r.freq_factors, r.n_rot, r.mode, r.n_ctx_orig, r.freq_base, r.freq_scale,
+                         0.0f, 1.0f, 32.0f, 1.0f);
+}
+
+}  // namespace
+
+void make_attention_batch(attention_batch & b, ggml_context * ctx, const attention_config & cfg,
+                          int32_t n_head_kv, int32_t n_past, int32_t n_tokens) {
+    b.cfg = cfg;
     b.n_past = n_past;
     b.n_tokens = n_tokens;
-    b.pos = ggml_new_tensor_1d(ctx, GGML_TYPE_I32, n_tokens);
-    ggml_set_name(b.pos, "inp_pos");
-    ggml_set_input(b.pos);
-    b.mask = ggml_new_tensor_2d(ctx, GGML_TYPE_F16, n_past + n_tokens, n_tokens);
-    ggml_set_name(b.mask, "inp_kq_mask");
-    ggml_set_input(b.mask);
-    return b;
+    b.n_head_kv = n_head_kv;
+    b.pos = new_input(ctx, GGML_TYPE_I32, n_tokens, 0, "inp_pos");
+    const bool need_mask = !b.selfextend() || cfg.path == attention_path::portable;
+    b.mask = need_mask ? new_input(ctx, GGML_TYPE_F16, b.n_kv(), n_tokens, "inp_kq_mask") : nullptr;
+    if (!b.selfextend()) return;
+
+    const int32_t W = cfg.window;
+    b.se.n_past = n_past;
+    b.se.n_tokens = n_tokens;
+    b.se.window = W;
+    b.se.scale = cfg.kq_scale;
+    b.se.nb_lo = std::max(0, n_past - W + 1);
+    b.se.n_chunks = cfg.path == attention_path::fused
+                        ? selfextend_choose_chunks(n_tokens, n_head_kv, b.n_kv(), cfg.n_threads) : 1;
+    b.pos_key = new_input(ctx, GGML_TYPE_I32, n_tokens, 0, "inp_pos_key");
+    b.pos_query_grp = new_input(ctx, GGML_TYPE_I32, n_tokens, 0, "inp_pos_query_grp");
+    b.pos_neighbor = new_input(ctx, GGML_TYPE_I32, b.n_kv() - b.se.nb_lo, 0, "inp_pos_neighbor");
+    if (cfg.path == attention_path::portable) b.select = new_input(ctx, GGML_TYPE_F32, b.n_kv(), n_tokens, "inp_select");
 }
 
 void set_attention_batch_inputs(const attention_batch & b) {
-    std::vector<int32_t> pos(b.n_tokens);
-    for (int32_t i = 0; i < b.n_tokens; ++i) pos[i] = b.n_past + i;
-    ggml_backend_tensor_set(b.pos, pos.data(), 0, pos.size() * sizeof(int32_t));
+    const int32_t T = b.n_tokens, n_kv = b.n_kv(), G = b.cfg.group_size, W = b.cfg.window;
+    std::vector<int32_t> pos(T);
+    for (int32_t t = 0; t < T; ++t) pos[t] = b.n_past + t;
+    set_i32(b.pos, pos);
 
-    // Causal: query n_past+i sees keys 0 .. n_past+i.
-    const int32_t n_kv = b.n_past + b.n_tokens;
-    const ggml_fp16_t zero = ggml_fp32_to_fp16(0.0f), neg_inf = ggml_fp32_to_fp16(-INFINITY);
-    std::vector<ggml_fp16_t> mask((size_t) n_kv * b.n_tokens);
-    for (int32_t i = 0; i < b.n_tokens; ++i) {
-        ggml_fp16_t * row = mask.data() + (size_t) i * n_kv;
-        const int32_t last = b.n_past + i;
-        for (int32_t j = 0; j < n_kv; ++j) row[j] = j <= last ? zero : neg_inf;
+    if (b.mask) {
+        // Causal: query n_past+t sees keys 0 .. n_past+t.
+        const ggml_fp16_t zero = ggml_fp32_to_fp16(0.0f), neg_inf = ggml_fp32_to_fp16(-INFINITY);
+        std::vector<ggml_fp16_t> mask((size_t) n_kv * T);
+        for (int32_t t = 0; t < T; ++t) {
+            ggml_fp16_t * row = mask.data() + (size_t) t * n_kv;
+            for (int32_t j = 0; j < n_kv; ++j) row[j] = j <= b.n_past + t ? zero : neg_inf;
+        }
+        ggml_backend_tensor_set(b.mask, mask.data(), 0, mask.size() * sizeof(ggml_fp16_t));
     }
-    ggml_backend_tensor_set(b.mask, mask.data(), 0, mask.size() * sizeof(ggml_fp16_t));
+    if (!b.selfextend()) return;
+
+    std::vector<int32_t> key(T), query_grp(T), neighbor(n_kv - b.se.nb_lo);
+    for (int32_t t = 0; t < T; ++t) {
+        const int32_t i = b.n_past + t;
+        key[t] = i / G;
+        query_grp[t] = i / G + W - W / G;
+    }
+    for (int32_t j = b.se.nb_lo; j < n_kv; ++j) neighbor[j - b.se.nb_lo] = j - j / G;
+    set_i32(b.pos_key, key);
+    set_i32(b.pos_query_grp, query_grp);
+    set_i32(b.pos_neighbor, neighbor);
+
+    if (b.select) {
+        std::vector<float> sel((size_t) n_kv * T, 0.0f);
+        for (int32_t t = 0; t < T; ++t) {
+            const int32_t i = b.n_past + t;
+            for (int32_t j = std::max(b.se.nb_lo, i - W + 1); j <= i; ++j) sel[(size_t) t * n_kv + j] = 1.0f;
+        }
+        ggml_backend_tensor_set(b.select, sel.data(), 0, sel.size() * sizeof(float));
+    }
+}
+
+// Ordinary causal attention: ggml's flash attention over the cache.
+static ggml_tensor * ordinary_attention(ggml_context * ctx, const attention_batch & b, ggml_tensor * q,
+                                        ggml_tensor * kk, ggml_tensor * vv, float kq_scale) {
+    kk = ggml_permute(ctx, kk, 0, 2, 1, 3);  // [D, n_kv, n_head_kv]
+    vv = ggml_permute(ctx, vv, 0, 2, 1, 3);
+    q = ggml_permute(ctx, q, 0, 2, 1, 3);    // [D, n_tokens, n_head]
+    ggml_tensor * out = ggml_flash_attn_ext(ctx, q, kk, vv, b.mask, kq_scale, 0.0f, 0.0f);
+    ggml_prec_set_acc(out, GGML_PREC_F32);
+    return out;  // [D, n_head, n_tokens]
+}
+
+// SelfExtend from standard ggml ops, for backends that cannot run the fused CPU kernel. It forms
+// the grouped and neighbor score matrices, picks per (query, key) which one applies, and then
+// does one softmax: the same result as the fused kernel, with O(n_kv * n_tokens) memory.
+static ggml_tensor * selfextend_portable(ggml_context * ctx, const attention_batch & b, ggml_tensor * q_n,
+                                         ggml_tensor * q_g, ggml_tensor * kk, ggml_tensor * k_nb, ggml_tensor * vv,
+                                         float kq_scale) {
+    const int32_t nb_lo = b.se.nb_lo;
+    q_n = ggml_permute(ctx, q_n, 0, 2, 1, 3);                                  // [D, T, n_head]
+    q_g = ggml_permute(ctx, q_g, 0, 2, 1, 3);
+    ggml_tensor * s_grp = ggml_mul_mat(ctx, ggml_permute(ctx, kk, 0, 2, 1, 3), q_g);    // [n_kv, T, n_head]
+    ggml_tensor * s_nb = ggml_mul_mat(ctx, ggml_permute(ctx, k_nb, 0, 2, 1, 3), q_n);  // [n_kv - nb_lo, T, n_head]
+    ggml_prec_set_acc(s_grp, GGML_PREC_F32);
+    ggml_prec_set_acc(s_nb, GGML_PREC_F32);
+    if (nb_lo > 0) {
+        // Left-pad the neighbor scores to n_kv columns; the padding is never selected.
+        ggml_tensor * head = ggml_view_3d(ctx, s_grp, nb_lo, s_grp->ne[1], s_grp->ne[2], s_grp->nb[1], s_grp->nb[2], 0);
+        s_nb = ggml_concat(ctx, ggml_cont(ctx, head), s_nb, 0);
+    }
+    ggml_tensor * scores = ggml_add(ctx, s_grp, ggml_mul(ctx, ggml_sub(ctx, s_nb, s_grp), b.select));
+    ggml_tensor * probs = ggml_soft_max_ext(ctx, scores, b.mask, kq_scale, 0.0f);    // [n_kv, T, n_head]
+    ggml_tensor * vt = ggml_cont(ctx, ggml_permute(ctx, vv, 1, 2, 0, 3));            // [n_kv, D, n_head_kv]
+    ggml_tensor * out = ggml_mul_mat(ctx, vt, probs);                                // [D, T, n_head]
+    return ggml_cont(ctx, ggml_permute(ctx, out, 0, 2, 1, 3));                       // [D, n_head, T]
 }
 
 ggml_tensor * build_attention(ggml_context * ctx, ggml_cgraph * gf, kv_cache & cache, int il,
-                              const attention_batch & b, const rope_params & rope,
+                              const attention_batch & b, const rope_params & rope_p,
                               ggml_tensor * q, ggml_tensor * k, ggml_tensor * v, float kq_scale) {
     const int64_t head_dim = q->ne[0], n_head = q->ne[1], n_head_kv = k->ne[1];
-    const int32_t n_tokens = b.n_tokens, n_kv = b.n_past + b.n_tokens;
+    const int32_t n_tokens = b.n_tokens, n_kv = b.n_kv();
+    const bool se = b.selfextend();
 
-    q = ggml_rope_ext(ctx, q, b.pos, rope.freq_factors, rope.n_rot, rope.mode, rope.n_ctx_orig,
-                      rope.freq_base, rope.freq_scale, 0.0f, 1.0f, 32.0f, 1.0f);
-    k = ggml_rope_ext(ctx, k, b.pos, rope.freq_factors, rope.n_rot, rope.mode, rope.n_ctx_orig,
-                      rope.freq_base, rope.freq_scale, 0.0f, 1.0f, 32.0f, 1.0f);
+    // New keys are cached at their own position (ordinary) or at their grouped one (SelfExtend).
+    k = rope(ctx, k, se ? b.pos_key : b.pos, rope_p);
 
-    // Append this batch's rows to the cache; the copies are expanded first so they run before
-    // the attention below reads the cache.
+    // Append this batch's rows to the cache; the copies are expanded first so that they run
+    // before the attention below reads the cache.
     ggml_tensor * ck = cache.k[il], * cv = cache.v[il];
     ggml_tensor * k_dst = ggml_view_2d(ctx, ck, cache.n_embd_kv, n_tokens, ck->nb[1], (size_t) b.n_past * ck->nb[1]);
     ggml_tensor * v_dst = ggml_view_2d(ctx, cv, cache.n_embd_kv, n_tokens, cv->nb[1], (size_t) b.n_past * cv->nb[1]);
@@ -55,15 +145,25 @@ ggml_tensor * build_attention(ggml_context * ctx, ggml_cgraph * gf, kv_cache & c
     ggml_build_forward_expand(gf, ggml_cpy(ctx, v, v_dst));
 
     const size_t row_head = ggml_row_size(ck->type, head_dim);
-    ggml_tensor * kk = ggml_view_3d(ctx, ck, head_dim, n_head_kv, n_kv, row_head, ck->nb[1], 0);
+    ggml_tensor * kk = ggml_view_3d(ctx, ck, head_dim, n_head_kv, n_kv, row_head, ck->nb[1], 0);  // [D, n_head_kv, n_kv]
     ggml_tensor * vv = ggml_view_3d(ctx, cv, head_dim, n_head_kv, n_kv, row_head, cv->nb[1], 0);
-    kk = ggml_permute(ctx, kk, 0, 2, 1, 3);          // [D, n_kv, n_head_kv]
-    vv = ggml_permute(ctx, vv, 0, 2, 1, 3);
-    q  = ggml_permute(ctx, q, 0, 2, 1, 3);           // [D, n_tokens, n_head]
 
-    ggml_tensor * out = ggml_flash_attn_ext(ctx, q, kk, vv, b.mask, kq_scale, 0.0f, 0.0f);
-    ggml_prec_set_acc(out, GGML_PREC_F32);
-    return ggml_reshape_2d(ctx, out, head_dim * n_head, n_tokens);  // out is [D, n_head, n_tokens]
+    ggml_tensor * out;
+    if (!se) {
+        out = ordinary_attention(ctx, b, rope(ctx, q, b.pos, rope_p), kk, vv, kq_scale);
+    } else {
+        ggml_tensor * q_n = rope(ctx, q, b.pos, rope_p);
+        ggml_tensor * q_g = rope(ctx, q, b.pos_query_grp, rope_p);
+        // Neighbor keys: cached rows nb_lo.. rotated on from floor(j/G) to j.
+        const int32_t nb_lo = b.se.nb_lo;
+        ggml_tensor * tail = ggml_view_3d(ctx, ck, head_dim, n_head_kv, n_kv - nb_lo, row_head, ck->nb[1],
+                                          (size_t) nb_lo * ck->nb[1]);
+        ggml_tensor * k_nb = rope(ctx, tail, b.pos_neighbor, rope_p);
+        out = b.cfg.path == attention_path::fused
+                  ? selfextend_attention_fused(ctx, q_n, q_g, kk, vv, k_nb, &b.se)
+                  : selfextend_portable(ctx, b, q_n, q_g, kk, k_nb, vv, kq_scale);
+    }
+    return ggml_reshape_2d(ctx, out, head_dim * n_head, n_tokens);
 }
 
 }  // namespace pse

@@ -2,11 +2,19 @@
 //
 // build_attention() takes the layer's un-rotated Q and K, V, the token positions and the cache;
 // it applies RoPE, stores the new K/V rows, and returns the attention output. What positions the
-// cache stores and how scores are formed is private to this file, which is what lets SelfExtend
-// replace ordinary attention without touching the rest of the graph.
+// cache stores and how scores are formed is private to this file.
+//
+// Two kinds of attention:
+// - ordinary (group_size == 1): keys cached at their own positions, ggml's flash attention;
+// - SelfExtend (group_size > 1, ../shared/SELFEXTEND.md): keys cached once, rotated to their
+//   grouped position floor(j/G). The last W + batch keys get a neighbor copy, rotated on by
+//   j - floor(j/G) (RoPE composes), so the cache stays the size of an ordinary one. Scores come
+//   from the fused CPU kernel (selfextend_kernel.cpp) or, on other backends, from standard ggml
+//   ops (the portable path).
 #pragma once
 
 #include "kv_cache.h"
+#include "selfextend_kernel.h"
 
 namespace pse {
 
@@ -19,16 +27,38 @@ struct rope_params {
     ggml_tensor * freq_factors = nullptr;  // optional rope_freqs tensor
 };
 
+enum class attention_path { fused, portable };
+
+struct attention_config {
+    int32_t group_size = 1;  // G; 1 is ordinary attention
+    int32_t window = 0;      // W (used when G > 1)
+    attention_path path = attention_path::fused;
+    int32_t n_threads = 1;   // to size the fused kernel's work split
+    float kq_scale = 1.0f;   // 1/sqrt(D)
+};
+
 // Inputs shared by every layer of one batch; create with make_attention_batch() while building
 // the graph, and fill with set_attention_batch_inputs() once the graph is allocated.
 struct attention_batch {
+    attention_config cfg;
     int32_t n_past = 0;      // tokens already in the cache
     int32_t n_tokens = 0;    // tokens in this batch
-    ggml_tensor * pos = nullptr;   // I32 [n_tokens]: absolute positions n_past .. n_past+n_tokens-1
-    ggml_tensor * mask = nullptr;  // F16 [n_kv, n_tokens]: 0 where key j is visible to query i, -inf elsewhere
+    int32_t n_head_kv = 0;
+    ggml_tensor * pos = nullptr;     // I32 [n_tokens]: absolute positions n_past ..
+    ggml_tensor * mask = nullptr;    // F16 [n_kv, n_tokens]: 0 where key j is visible, -inf elsewhere
+    // SelfExtend only:
+    ggml_tensor * pos_key = nullptr;        // I32 [n_tokens]: floor(i/G), where new keys are cached
+    ggml_tensor * pos_query_grp = nullptr;  // I32 [n_tokens]: floor(i/G) + W - floor(W/G)
+    ggml_tensor * pos_neighbor = nullptr;   // I32 [n_kv - nb_lo]: j - floor(j/G), rotation to neighbor keys
+    ggml_tensor * select = nullptr;         // F32 [n_kv, n_tokens], portable path: 1 = neighbor score
+    selfextend_op_params se;                // fused kernel parameters (lives as long as the batch)
+
+    bool selfextend() const { return cfg.group_size > 1; }
+    int32_t n_kv() const { return n_past + n_tokens; }
 };
 
-attention_batch make_attention_batch(ggml_context * ctx, int32_t n_past, int32_t n_tokens);
+void make_attention_batch(attention_batch & batch, ggml_context * ctx, const attention_config & cfg,
+                          int32_t n_head_kv, int32_t n_past, int32_t n_tokens);
 void set_attention_batch_inputs(const attention_batch & batch);
 
 // q: [D, n_head, n_tokens], k: [D, n_head_kv, n_tokens], v: [D * n_head_kv, n_tokens], all F32 and

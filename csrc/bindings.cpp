@@ -3,11 +3,14 @@
 #include "reference.h"
 #include "vocab.h"
 
+#include "ggml-cpu.h"
+
 #include <pybind11/functional.h>
 #include <pybind11/numpy.h>
 #include <pybind11/pybind11.h>
 #include <pybind11/stl.h>
 
+#include <cmath>
 #include <optional>
 
 namespace py = pybind11;
@@ -69,6 +72,76 @@ py::array_t<float> eval_released(Eval && run, int32_t n_vocab, int64_t n, bool a
     return to_array(std::move(logits), all_logits ? n : -1, n_vocab);
 }
 
+// Runs the attention seam alone on given q, k, v ([n, heads, D] float32, not rotated): the
+// production path (cache writes, neighbor rotation, fused kernel or portable ops), in batches of
+// n_batch, one layer. For tests against an independent evaluation of the formula.
+py::array_t<float> attention_probe(py::array_t<float, py::array::c_style | py::array::forcecast> q,
+                                   py::array_t<float, py::array::c_style | py::array::forcecast> k,
+                                   py::array_t<float, py::array::c_style | py::array::forcecast> v, int32_t group_size,
+                                   int32_t window, int32_t n_batch, const std::string & cache_type,
+                                   const std::string & path, float freq_base, int32_t n_threads) {
+    if (q.ndim() != 3 || k.ndim() != 3 || v.ndim() != 3) throw std::invalid_argument("q, k, v must be [n, heads, D]");
+    const int32_t n = (int32_t) q.shape(0), n_head = (int32_t) q.shape(1), D = (int32_t) q.shape(2);
+    const int32_t n_head_kv = (int32_t) k.shape(1);
+    if (k.shape(0) != n || v.shape(0) != n || v.shape(1) != n_head_kv || k.shape(2) != D || v.shape(2) != D ||
+        n_head % n_head_kv != 0 || D % 8 != 0 || n < 1 || n_batch < 1 || group_size < 1 || (group_size > 1 && window < 1)) {
+        throw std::invalid_argument("attention_probe: inconsistent shapes or parameters");
+    }
+    llama_hparams hp;
+    hp.n_layer = 1;
+    hp.n_head = n_head;
+    hp.n_head_kv = n_head_kv;
+    hp.head_dim = D;
+    ggml_backend_t backend = ggml_backend_cpu_init();
+    ggml_backend_cpu_set_n_threads(backend, n_threads);
+    std::vector<float> result((size_t) n * n_head * D);
+    {
+        kv_cache cache;
+        cache.init(hp, n, cache_type_from(cache_type), backend);
+        ggml_gallocr_t galloc = ggml_gallocr_new(ggml_backend_get_default_buffer_type(backend));
+        std::vector<uint8_t> meta(ggml_tensor_overhead() * 256 + ggml_graph_overhead());
+        rope_params rope;
+        rope.n_rot = D;
+        rope.n_ctx_orig = n;
+        rope.freq_base = freq_base;
+        attention_config cfg;
+        cfg.group_size = group_size;
+        cfg.window = window;
+        cfg.path = path == "portable" ? attention_path::portable : attention_path::fused;
+        cfg.n_threads = n_threads;
+        cfg.kq_scale = 1.0f / std::sqrt((float) D);
+        for (int32_t done = 0; done < n;) {
+            const int32_t T = std::min(n_batch, n - done);
+            ggml_init_params ip = {meta.size(), meta.data(), true};
+            ggml_context * ctx = ggml_init(ip);
+            ggml_cgraph * gf = ggml_new_graph(ctx);
+            ggml_tensor * tq = ggml_new_tensor_3d(ctx, GGML_TYPE_F32, D, n_head, T);
+            ggml_tensor * tk = ggml_new_tensor_3d(ctx, GGML_TYPE_F32, D, n_head_kv, T);
+            ggml_tensor * tv = ggml_new_tensor_2d(ctx, GGML_TYPE_F32, (int64_t) D * n_head_kv, T);
+            for (ggml_tensor * t : {tq, tk, tv}) ggml_set_input(t);
+            attention_batch batch;
+            make_attention_batch(batch, ctx, cfg, n_head_kv, done, T);
+            ggml_tensor * out = build_attention(ctx, gf, cache, 0, batch, rope, tq, tk, tv, cfg.kq_scale);
+            ggml_set_output(out);
+            ggml_build_forward_expand(gf, out);
+            ggml_gallocr_alloc_graph(galloc, gf);
+            ggml_backend_tensor_set(tq, q.data() + (size_t) done * n_head * D, 0, ggml_nbytes(tq));
+            ggml_backend_tensor_set(tk, k.data() + (size_t) done * n_head_kv * D, 0, ggml_nbytes(tk));
+            ggml_backend_tensor_set(tv, v.data() + (size_t) done * n_head_kv * D, 0, ggml_nbytes(tv));
+            set_attention_batch_inputs(batch);
+            ggml_backend_graph_compute(backend, gf);
+            ggml_backend_tensor_get(out, result.data() + (size_t) done * n_head * D, 0, ggml_nbytes(out));
+            ggml_free(ctx);
+            cache.n_past += T;
+            done += T;
+        }
+        ggml_gallocr_free(galloc);
+    }
+    ggml_backend_free(backend);
+    auto arr = to_array(std::move(result), n, (int64_t) n_head * D);
+    return arr.reshape({(py::ssize_t) n, (py::ssize_t) n_head, (py::ssize_t) D});
+}
+
 }  // namespace
 
 PYBIND11_MODULE(_engine, m) {
@@ -100,15 +173,20 @@ PYBIND11_MODULE(_engine, m) {
 
     py::class_<engine>(m, "Engine", "A model with its KV cache and CPU compute threads.")
         .def(py::init([](std::shared_ptr<gguf_model> model, int32_t n_ctx, int32_t n_batch, int32_t n_threads,
-                         const std::string & cache_type) {
+                         const std::string & cache_type, int32_t group_size, int32_t window, const std::string & path) {
                  engine_params p;
+                 p.group_size = group_size;
+                 p.window = window;
+                 if (path != "fused" && path != "portable") throw std::invalid_argument("attention path must be 'fused' or 'portable'");
+                 p.path = path == "fused" ? attention_path::fused : attention_path::portable;
                  p.n_ctx = n_ctx;
                  p.n_batch = n_batch;
                  p.n_threads = n_threads;
                  p.cache_type = cache_type_from(cache_type);
                  return new engine(std::move(model), p);
              }),
-             py::arg("model"), py::arg("n_ctx"), py::arg("n_batch"), py::arg("n_threads"), py::arg("cache_type") = "f16")
+             py::arg("model"), py::arg("n_ctx"), py::arg("n_batch"), py::arg("n_threads"), py::arg("cache_type") = "f16",
+             py::arg("group_size") = 1, py::arg("window") = 0, py::arg("attention_path") = "fused")
         .def("eval",
              [](engine & e, py::object tokens, bool all_logits, py::object progress) {
                  std::vector<int32_t> ids = to_tokens(tokens);
@@ -123,7 +201,15 @@ PYBIND11_MODULE(_engine, m) {
         .def("set_n_threads", &engine::set_n_threads)
         .def_property_readonly("n_past", &engine::n_past)
         .def_property_readonly("n_ctx", [](const engine & e) { return e.params().n_ctx; })
-        .def_property_readonly("cache_bytes", &engine::cache_bytes);
+        .def_property_readonly("cache_bytes", &engine::cache_bytes)
+        .def_property_readonly("group_size", [](const engine & e) { return e.params().group_size; })
+        .def_property_readonly("window", [](const engine & e) { return e.params().window; });
+    m.def("_attention_probe", &attention_probe, py::arg("q"), py::arg("k"), py::arg("v"), py::arg("group_size"),
+          py::arg("window"), py::arg("n_batch"), py::arg("cache_type") = "f32", py::arg("attention_path") = "fused",
+          py::arg("freq_base") = 10000.0f, py::arg("n_threads") = 2, py::call_guard<py::gil_scoped_release>(),
+          "Test hook: the attention seam alone, over q, k, v of shape [n, heads, D] (not rotated).");
+    m.def("selfextend_usable_length", &selfextend_usable_length, py::arg("n_ctx_train"), py::arg("group_size"),
+          py::arg("window"), "(L - W) * G + W: the longest sequence SelfExtend keeps within the trained context L.");
 
     py::class_<vocab>(m, "Vocab", "The model's tokenizer and chat template, through libllama.")
         .def(py::init<const std::string &>(), py::arg("path"), py::call_guard<py::gil_scoped_release>())

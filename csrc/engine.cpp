@@ -14,6 +14,21 @@ engine::engine(std::shared_ptr<gguf_model> model, const engine_params & params)
     if (params_.n_threads < 1 || params_.n_threads > 512) {
         throw std::invalid_argument("n_threads must be in [1, 512], got " + std::to_string(params_.n_threads));
     }
+    const int32_t L = model_->hp.n_ctx_train, G = params_.group_size, W = params_.window;
+    if (G < 1) throw std::invalid_argument("group_size must be >= 1, got " + std::to_string(G));
+    if (G > 1) {
+        if (W < 1 || W >= L) {
+            throw std::invalid_argument("window must be in [1, " + std::to_string(L - 1) + "] (below the trained context " +
+                                        std::to_string(L) + "), got " + std::to_string(W));
+        }
+        const int64_t usable = selfextend_usable_length(L, G, W);
+        if (params_.n_ctx > usable) {
+            throw std::invalid_argument("n_ctx=" + std::to_string(params_.n_ctx) + " exceeds what SelfExtend with group_size=" +
+                                        std::to_string(G) + ", window=" + std::to_string(W) + " reaches: (L - W) * G + W = " +
+                                        std::to_string(usable) + " tokens (L=" + std::to_string(L) + ")");
+        }
+        if (model_->hp.head_dim % 8 != 0) throw std::invalid_argument("SelfExtend needs a head size that is a multiple of 8");
+    }
     backend_ = ggml_backend_cpu_init();
     if (!backend_) throw std::runtime_error("cannot initialise the ggml CPU backend");
     ggml_backend_cpu_set_n_threads(backend_, params_.n_threads);
@@ -22,6 +37,10 @@ engine::engine(std::shared_ptr<gguf_model> model, const engine_params & params)
     galloc_ = ggml_gallocr_new(ggml_backend_get_default_buffer_type(backend_));
     const size_t max_nodes = llama_graph_max_nodes(*model_);
     graph_meta_.resize(ggml_tensor_overhead() * max_nodes + ggml_graph_overhead_custom(max_nodes, false));
+}
+
+int64_t selfextend_usable_length(int32_t n_ctx_train, int32_t group_size, int32_t window) {
+    return (int64_t) (n_ctx_train - window) * group_size + window;
 }
 
 engine::~engine() {
@@ -48,7 +67,12 @@ void engine::eval_batch(const int32_t * tokens, int32_t n_tokens, int32_t n_outp
     ggml_init_params ip = {graph_meta_.size(), graph_meta_.data(), /*no_alloc =*/ true};
     ggml_context * ctx = ggml_init(ip);
     llama_graph_inputs in;
-    ggml_cgraph * gf = build_llama_graph(ctx, *model_, cache_, cache_.n_past, n_tokens, n_outputs, in);
+    attention_config attn;
+    attn.group_size = params_.group_size;
+    attn.window = params_.window;
+    attn.path = params_.path;
+    attn.n_threads = params_.n_threads;
+    ggml_cgraph * gf = build_llama_graph(ctx, *model_, cache_, attn, cache_.n_past, n_tokens, n_outputs, in);
     if (!ggml_gallocr_alloc_graph(galloc_, gf)) {
         ggml_free(ctx);
         throw std::runtime_error("cannot allocate compute buffers for a batch of " + std::to_string(n_tokens));

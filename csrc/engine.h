@@ -18,7 +18,13 @@ struct engine_params {
     int32_t n_batch = 512;
     int32_t n_threads = 4;
     ggml_type cache_type = GGML_TYPE_F16;
+    int32_t group_size = 1;   // SelfExtend G; 1 = ordinary attention
+    int32_t window = 0;       // SelfExtend W
+    attention_path path = attention_path::fused;
 };
+
+// Longest sequence SelfExtend with (G, W) keeps within the trained context L: (L - W) * G + W.
+int64_t selfextend_usable_length(int32_t n_ctx_train, int32_t group_size, int32_t window);
 
 // Called after each batch with (tokens done, tokens total); returning false stops the eval.
 using progress_fn = std::function<bool(int64_t, int64_t)>;

@@ -11,7 +11,7 @@ static ggml_tensor * add_bias(ggml_context * ctx, ggml_tensor * x, ggml_tensor *
 }
 
 ggml_cgraph * build_llama_graph(ggml_context * ctx, const gguf_model & model, kv_cache & cache,
-                                int32_t n_past, int32_t n_tokens, int32_t n_outputs,
+                                const attention_config & attn, int32_t n_past, int32_t n_tokens, int32_t n_outputs,
                                 llama_graph_inputs & in) {
     const llama_hparams & hp = model.hp;
     ggml_cgraph * gf = ggml_new_graph_custom(ctx, llama_graph_max_nodes(model), false);
@@ -19,7 +19,6 @@ ggml_cgraph * build_llama_graph(ggml_context * ctx, const gguf_model & model, kv
     in.tokens = ggml_new_tensor_1d(ctx, GGML_TYPE_I32, n_tokens);
     ggml_set_name(in.tokens, "inp_tokens");
     ggml_set_input(in.tokens);
-    in.attn = make_attention_batch(ctx, n_past, n_tokens);
 
     rope_params rope;
     rope.n_rot = hp.n_rot;
@@ -29,6 +28,9 @@ ggml_cgraph * build_llama_graph(ggml_context * ctx, const gguf_model & model, kv
     rope.freq_scale = hp.rope_freq_scale;
     rope.freq_factors = model.rope_freqs;
     const float kq_scale = 1.0f / std::sqrt((float) hp.head_dim);
+    attention_config cfg = attn;
+    cfg.kq_scale = kq_scale;
+    make_attention_batch(in.attn, ctx, cfg, hp.n_head_kv, n_past, n_tokens);
 
     ggml_tensor * x = ggml_get_rows(ctx, model.token_embd, in.tokens);  // [n_embd, n_tokens]
 

@@ -14,7 +14,7 @@ struct llama_graph_inputs {
 
 // n_outputs: 0 (fill the cache only), 1 (logits of the last token) or n_tokens (all logits).
 ggml_cgraph * build_llama_graph(ggml_context * ctx, const gguf_model & model, kv_cache & cache,
-                                int32_t n_past, int32_t n_tokens, int32_t n_outputs,
+                                const attention_config & attn, int32_t n_past, int32_t n_tokens, int32_t n_outputs,
                                 llama_graph_inputs & inputs);
 
 size_t llama_graph_max_nodes(const gguf_model & model);
