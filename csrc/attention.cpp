@@ -24,7 +24,29 @@ ggml_tensor * rope(ggml_context * ctx, ggml_tensor * x, ggml_tensor * pos, const
                          0.0f, 1.0f, 32.0f, 1.0f);
 }
 
+// Copies rows [0, n) of src ([n_embd_kv, n]) to ring rows pos0 % size .. (two pieces if it wraps).
+void write_ring(ggml_context * ctx, ggml_cgraph * gf, ggml_tensor * ring, ggml_tensor * src, int32_t pos0, int32_t n) {
+    const int32_t size = (int32_t) ring->ne[1];
+    for (int32_t done = 0; done < n;) {
+        const int32_t slot = (pos0 + done) % size, len = std::min(n - done, size - slot);
+        ggml_tensor * from = ggml_view_2d(ctx, src, src->ne[0], len, src->nb[1], (size_t) done * src->nb[1]);
+        ggml_tensor * to = ggml_view_2d(ctx, ring, ring->ne[0], len, ring->nb[1], (size_t) slot * ring->nb[1]);
+        ggml_build_forward_expand(gf, ggml_cpy(ctx, from, to));
+        done += len;
+    }
+}
+
 }  // namespace
+
+void build_ring_refill(ggml_context * ctx, ggml_cgraph * gf, kv_cache & cache, int il, int32_t lo, int32_t hi,
+                       ggml_tensor * pos_delta, const rope_params & rope_p, int32_t head_dim) {
+    ggml_tensor * ck = cache.k[il];
+    const int64_t n_head_kv = cache.n_embd_kv / head_dim;
+    ggml_tensor * rows = ggml_view_3d(ctx, ck, head_dim, n_head_kv, hi - lo, ggml_row_size(ck->type, head_dim),
+                                      ck->nb[1], (size_t) lo * ck->nb[1]);
+    ggml_tensor * own = rope(ctx, rows, pos_delta, rope_p);
+    write_ring(ctx, gf, cache.k_ring[il], ggml_reshape_2d(ctx, own, cache.n_embd_kv, hi - lo), lo, hi - lo);
+}
 
 void make_attention_batch(attention_batch & b, ggml_context * ctx, const attention_config & cfg,
                           int32_t n_head_kv, int32_t n_past, int32_t n_tokens) {
@@ -43,11 +65,12 @@ void make_attention_batch(attention_batch & b, ggml_context * ctx, const attenti
     b.se.window = W;
     b.se.scale = cfg.kq_scale;
     b.se.nb_lo = std::max(0, n_past - W + 1);
+    b.se.ring_size = cfg.path == attention_path::fused ? cfg.ring_size : 0;
     b.se.n_chunks = cfg.path == attention_path::fused
                         ? selfextend_choose_chunks(n_tokens, n_head_kv, b.n_kv(), cfg.n_threads) : 1;
     b.pos_key = new_input(ctx, GGML_TYPE_I32, n_tokens, 0, "inp_pos_key");
     b.pos_query_grp = new_input(ctx, GGML_TYPE_I32, n_tokens, 0, "inp_pos_query_grp");
-    b.pos_neighbor = new_input(ctx, GGML_TYPE_I32, b.n_kv() - b.se.nb_lo, 0, "inp_pos_neighbor");
+    if (b.se.ring_size == 0) b.pos_neighbor = new_input(ctx, GGML_TYPE_I32, b.n_kv() - b.se.nb_lo, 0, "inp_pos_neighbor");
     if (cfg.path == attention_path::portable) b.select = new_input(ctx, GGML_TYPE_F32, b.n_kv(), n_tokens, "inp_select");
 }
 
@@ -69,16 +92,19 @@ void set_attention_batch_inputs(const attention_batch & b) {
     }
     if (!b.selfextend()) return;
 
-    std::vector<int32_t> key(T), query_grp(T), neighbor(n_kv - b.se.nb_lo);
+    std::vector<int32_t> key(T), query_grp(T);
     for (int32_t t = 0; t < T; ++t) {
         const int32_t i = b.n_past + t;
         key[t] = i / G;
         query_grp[t] = i / G + W - W / G;
     }
-    for (int32_t j = b.se.nb_lo; j < n_kv; ++j) neighbor[j - b.se.nb_lo] = j - j / G;
     set_i32(b.pos_key, key);
     set_i32(b.pos_query_grp, query_grp);
-    set_i32(b.pos_neighbor, neighbor);
+    if (b.pos_neighbor) {
+        std::vector<int32_t> neighbor(n_kv - b.se.nb_lo);
+        for (int32_t j = b.se.nb_lo; j < n_kv; ++j) neighbor[j - b.se.nb_lo] = j - j / G;
+        set_i32(b.pos_neighbor, neighbor);
+    }
 
     if (b.select) {
         std::vector<float> sel((size_t) n_kv * T, 0.0f);
@@ -134,6 +160,7 @@ ggml_tensor * build_attention(ggml_context * ctx, ggml_cgraph * gf, kv_cache & c
     const bool se = b.selfextend();
 
     // New keys are cached at their own position (ordinary) or at their grouped one (SelfExtend).
+    ggml_tensor * k_own = k;  // not yet rotated
     k = rope(ctx, k, se ? b.pos_key : b.pos, rope_p);
 
     // Append this batch's rows to the cache; the copies are expanded first so that they run
@@ -154,11 +181,20 @@ ggml_tensor * build_attention(ggml_context * ctx, ggml_cgraph * gf, kv_cache & c
     } else {
         ggml_tensor * q_n = rope(ctx, q, b.pos, rope_p);
         ggml_tensor * q_g = rope(ctx, q, b.pos_query_grp, rope_p);
-        // Neighbor keys: cached rows nb_lo.. rotated on from floor(j/G) to j.
-        const int32_t nb_lo = b.se.nb_lo;
-        ggml_tensor * tail = ggml_view_3d(ctx, ck, head_dim, n_head_kv, n_kv - nb_lo, row_head, ck->nb[1],
-                                          (size_t) nb_lo * ck->nb[1]);
-        ggml_tensor * k_nb = rope(ctx, tail, b.pos_neighbor, rope_p);
+        ggml_tensor * k_nb;
+        if (b.se.ring_size > 0) {
+            // Neighbor keys from the ring, where each key is written once, rotated to its own position.
+            ggml_tensor * ring = cache.k_ring[il];
+            write_ring(ctx, gf, ring, ggml_reshape_2d(ctx, rope(ctx, k_own, b.pos, rope_p), cache.n_embd_kv, n_tokens),
+                       b.n_past, n_tokens);
+            k_nb = ggml_view_3d(ctx, ring, head_dim, n_head_kv, ring->ne[1], row_head, ring->nb[1], 0);
+        } else {
+            // Neighbor keys: cached rows nb_lo.. rotated on from floor(j/G) to j (RoPE composes).
+            const int32_t nb_lo = b.se.nb_lo;
+            ggml_tensor * tail = ggml_view_3d(ctx, ck, head_dim, n_head_kv, n_kv - nb_lo, row_head, ck->nb[1],
+                                              (size_t) nb_lo * ck->nb[1]);
+            k_nb = rope(ctx, tail, b.pos_neighbor, rope_p);
+        }
         out = b.cfg.path == attention_path::fused
                   ? selfextend_attention_fused(ctx, q_n, q_g, kk, vv, k_nb, &b.se)
                   : selfextend_portable(ctx, b, q_n, q_g, kk, k_nb, vv, kq_scale);

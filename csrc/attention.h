@@ -35,6 +35,7 @@ struct attention_config {
     attention_path path = attention_path::fused;
     int32_t n_threads = 1;   // to size the fused kernel's work split
     float kq_scale = 1.0f;   // 1/sqrt(D)
+    int32_t ring_size = 0;   // the cache's neighbor-key ring (fused path), 0 if none
 };
 
 // Inputs shared by every layer of one batch; create with make_attention_batch() while building
@@ -60,6 +61,11 @@ struct attention_batch {
 void make_attention_batch(attention_batch & batch, ggml_context * ctx, const attention_config & cfg,
                           int32_t n_head_kv, int32_t n_past, int32_t n_tokens);
 void set_attention_batch_inputs(const attention_batch & batch);
+
+// Recomputes neighbor-ring rows [lo, hi) from the grouped keys in the cache (after a truncation
+// the ring may hold keys of positions that are gone). pos_delta: I32 [hi - lo], j - floor(j/G).
+void build_ring_refill(ggml_context * ctx, ggml_cgraph * gf, kv_cache & cache, int il, int32_t lo, int32_t hi,
+                       ggml_tensor * pos_delta, const rope_params & rope_p, int32_t head_dim);
 
 // q: [D, n_head, n_tokens], k: [D, n_head_kv, n_tokens], v: [D * n_head_kv, n_tokens], all F32 and
 // not yet rotated. Returns [D * n_head, n_tokens].

@@ -79,7 +79,8 @@ py::array_t<float> attention_probe(py::array_t<float, py::array::c_style | py::a
                                    py::array_t<float, py::array::c_style | py::array::forcecast> k,
                                    py::array_t<float, py::array::c_style | py::array::forcecast> v, int32_t group_size,
                                    int32_t window, int32_t n_batch, const std::string & cache_type,
-                                   const std::string & path, float freq_base, int32_t n_threads) {
+                                   const std::string & path, float freq_base, int32_t n_threads,
+                                   int32_t decode_tail) {
     if (q.ndim() != 3 || k.ndim() != 3 || v.ndim() != 3) throw std::invalid_argument("q, k, v must be [n, heads, D]");
     const int32_t n = (int32_t) q.shape(0), n_head = (int32_t) q.shape(1), D = (int32_t) q.shape(2);
     const int32_t n_head_kv = (int32_t) k.shape(1);
@@ -97,7 +98,8 @@ py::array_t<float> attention_probe(py::array_t<float, py::array::c_style | py::a
     std::vector<float> result((size_t) n * n_head * D);
     {
         kv_cache cache;
-        cache.init(hp, n, cache_type_from(cache_type), backend);
+        const bool ring = group_size > 1 && path != "portable";
+        cache.init(hp, n, cache_type_from(cache_type), backend, ring ? window + n_batch : 0);
         ggml_gallocr_t galloc = ggml_gallocr_new(ggml_backend_get_default_buffer_type(backend));
         std::vector<uint8_t> meta(ggml_tensor_overhead() * 256 + ggml_graph_overhead());
         rope_params rope;
@@ -110,8 +112,10 @@ py::array_t<float> attention_probe(py::array_t<float, py::array::c_style | py::a
         cfg.path = path == "portable" ? attention_path::portable : attention_path::fused;
         cfg.n_threads = n_threads;
         cfg.kq_scale = 1.0f / std::sqrt((float) D);
+        cfg.ring_size = cache.ring_size;
         for (int32_t done = 0; done < n;) {
-            const int32_t T = std::min(n_batch, n - done);
+            // The last decode_tail tokens go one at a time, as in generation.
+            const int32_t T = done >= n - decode_tail ? 1 : std::min(n_batch, n - decode_tail - done);
             ggml_init_params ip = {meta.size(), meta.data(), true};
             ggml_context * ctx = ggml_init(ip);
             ggml_cgraph * gf = ggml_new_graph(ctx);
@@ -177,8 +181,11 @@ PYBIND11_MODULE(_engine, m) {
                  engine_params p;
                  p.group_size = group_size;
                  p.window = window;
-                 if (path != "fused" && path != "portable") throw std::invalid_argument("attention path must be 'fused' or 'portable'");
-                 p.path = path == "fused" ? attention_path::fused : attention_path::portable;
+                 using pc = engine_params::path_choice;
+                 if (path != "auto" && path != "fused" && path != "portable") {
+                     throw std::invalid_argument("attention_path must be 'auto', 'fused' or 'portable', got '" + path + "'");
+                 }
+                 p.path = path == "auto" ? pc::automatic : path == "fused" ? pc::fused : pc::portable;
                  p.n_ctx = n_ctx;
                  p.n_batch = n_batch;
                  p.n_threads = n_threads;
@@ -186,7 +193,7 @@ PYBIND11_MODULE(_engine, m) {
                  return new engine(std::move(model), p);
              }),
              py::arg("model"), py::arg("n_ctx"), py::arg("n_batch"), py::arg("n_threads"), py::arg("cache_type") = "f16",
-             py::arg("group_size") = 1, py::arg("window") = 0, py::arg("attention_path") = "fused")
+             py::arg("group_size") = 1, py::arg("window") = 0, py::arg("attention_path") = "auto")
         .def("eval",
              [](engine & e, py::object tokens, bool all_logits, py::object progress) {
                  std::vector<int32_t> ids = to_tokens(tokens);
@@ -206,7 +213,7 @@ PYBIND11_MODULE(_engine, m) {
         .def_property_readonly("window", [](const engine & e) { return e.params().window; });
     m.def("_attention_probe", &attention_probe, py::arg("q"), py::arg("k"), py::arg("v"), py::arg("group_size"),
           py::arg("window"), py::arg("n_batch"), py::arg("cache_type") = "f32", py::arg("attention_path") = "fused",
-          py::arg("freq_base") = 10000.0f, py::arg("n_threads") = 2, py::call_guard<py::gil_scoped_release>(),
+          py::arg("freq_base") = 10000.0f, py::arg("n_threads") = 2, py::arg("decode_tail") = 0, py::call_guard<py::gil_scoped_release>(),
           "Test hook: the attention seam alone, over q, k, v of shape [n, heads, D] (not rotated).");
     m.def("selfextend_usable_length", &selfextend_usable_length, py::arg("n_ctx_train"), py::arg("group_size"),
           py::arg("window"), "(L - W) * G + W: the longest sequence SelfExtend keeps within the trained context L.");

@@ -32,8 +32,14 @@ engine::engine(std::shared_ptr<gguf_model> model, const engine_params & params)
     backend_ = ggml_backend_cpu_init();
     if (!backend_) throw std::runtime_error("cannot initialise the ggml CPU backend");
     ggml_backend_cpu_set_n_threads(backend_, params_.n_threads);
+    // The fused kernel is a CPU custom op; any other backend runs the portable path.
+    path_ = params_.path == engine_params::path_choice::portable ||
+                    (params_.path == engine_params::path_choice::automatic && !ggml_backend_is_cpu(backend_))
+                ? attention_path::portable : attention_path::fused;
     ggml_backend_cpu_set_abort_callback(backend_, [](void * data) { return ((std::atomic<bool> *) data)->load(); }, &abort_);
-    cache_.init(model_->hp, params_.n_ctx, params_.cache_type, backend_);
+    // The fused path keeps neighbor keys in a ring that must hold W + one batch of keys.
+    ring_size_ = G > 1 && path_ == attention_path::fused ? W + params_.n_batch : 0;
+    cache_.init(model_->hp, params_.n_ctx, params_.cache_type, backend_, ring_size_);
     galloc_ = ggml_gallocr_new(ggml_backend_get_default_buffer_type(backend_));
     const size_t max_nodes = llama_graph_max_nodes(*model_);
     graph_meta_.resize(ggml_tensor_overhead() * max_nodes + ggml_graph_overhead_custom(max_nodes, false));
@@ -54,7 +60,28 @@ void engine::truncate(int32_t n) {
     if (n < 0 || n > cache_.n_past) {
         throw std::invalid_argument("truncate(" + std::to_string(n) + "): the cache holds " + std::to_string(cache_.n_past) + " tokens");
     }
+    if (ring_size_ > 0 && n > 0) refill_ring(std::max(0, n - params_.window + 1), n);
     cache_.n_past = n;
+}
+
+void engine::refill_ring(int32_t lo, int32_t hi) {
+    ggml_init_params ip = {graph_meta_.size(), graph_meta_.data(), /*no_alloc =*/ true};
+    ggml_context * ctx = ggml_init(ip);
+    ggml_cgraph * gf = ggml_new_graph_custom(ctx, llama_graph_max_nodes(*model_), false);
+    ggml_tensor * pos = ggml_new_tensor_1d(ctx, GGML_TYPE_I32, hi - lo);
+    ggml_set_input(pos);
+    const rope_params rope = make_rope_params(*model_);
+    for (int il = 0; il < model_->hp.n_layer; ++il) build_ring_refill(ctx, gf, cache_, il, lo, hi, pos, rope, model_->hp.head_dim);
+    if (!ggml_gallocr_alloc_graph(galloc_, gf)) {
+        ggml_free(ctx);
+        throw std::runtime_error("cannot allocate the ring refill graph");
+    }
+    std::vector<int32_t> delta(hi - lo);
+    for (int32_t j = lo; j < hi; ++j) delta[j - lo] = j - j / params_.group_size;
+    ggml_backend_tensor_set(pos, delta.data(), 0, delta.size() * sizeof(int32_t));
+    const ggml_status status = ggml_backend_graph_compute(backend_, gf);
+    ggml_free(ctx);
+    if (status != GGML_STATUS_SUCCESS) throw std::runtime_error("ring refill failed");
 }
 
 void engine::set_n_threads(int32_t n_threads) {
@@ -70,8 +97,9 @@ void engine::eval_batch(const int32_t * tokens, int32_t n_tokens, int32_t n_outp
     attention_config attn;
     attn.group_size = params_.group_size;
     attn.window = params_.window;
-    attn.path = params_.path;
+    attn.path = path_;
     attn.n_threads = params_.n_threads;
+    attn.ring_size = ring_size_;
     ggml_cgraph * gf = build_llama_graph(ctx, *model_, cache_, attn, cache_.n_past, n_tokens, n_outputs, in);
     if (!ggml_gallocr_alloc_graph(galloc_, gf)) {
         ggml_free(ctx);

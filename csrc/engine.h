@@ -20,7 +20,8 @@ struct engine_params {
     ggml_type cache_type = GGML_TYPE_F16;
     int32_t group_size = 1;   // SelfExtend G; 1 = ordinary attention
     int32_t window = 0;       // SelfExtend W
-    attention_path path = attention_path::fused;
+    // SelfExtend scores: fused CPU kernel or portable ggml ops; auto picks by backend.
+    enum class path_choice { automatic, fused, portable } path = path_choice::automatic;
 };
 
 // Longest sequence SelfExtend with (G, W) keeps within the trained context L: (L - W) * G + W.
@@ -65,6 +66,10 @@ private:
     kv_cache cache_;
     std::vector<uint8_t> graph_meta_;  // memory for tensor and graph descriptors
     std::atomic<bool> abort_{false};
+    attention_path path_ = attention_path::fused;  // resolved from params_.path
+    int32_t ring_size_ = 0;                         // neighbor-key ring rows (fused SelfExtend)
+
+    void refill_ring(int32_t lo, int32_t hi);
 
     void eval_batch(const int32_t * tokens, int32_t n_tokens, int32_t n_outputs, float * logits_out);
 };

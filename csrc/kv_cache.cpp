@@ -9,14 +9,14 @@ kv_cache::~kv_cache() {
     if (ctx) ggml_free(ctx);
 }
 
-void kv_cache::init(const llama_hparams & hp, int32_t n_ctx_, ggml_type type_, ggml_backend_t backend) {
+void kv_cache::init(const llama_hparams & hp, int32_t n_ctx_, ggml_type type_, ggml_backend_t backend, int32_t ring_size_) {
     if (type_ != GGML_TYPE_F16 && type_ != GGML_TYPE_F32) throw std::invalid_argument("KV cache type must be f16 or f32");
     type = type_;
     n_ctx = n_ctx_;
     n_past = 0;
     n_embd_kv = (int64_t) hp.head_dim * hp.n_head_kv;
 
-    ggml_init_params params = {/*mem_size =*/ ggml_tensor_overhead() * (size_t) (2 * hp.n_layer + 1),
+    ggml_init_params params = {/*mem_size =*/ ggml_tensor_overhead() * (size_t) (3 * hp.n_layer + 1),
                                /*mem_buffer =*/ nullptr, /*no_alloc =*/ true};
     ctx = ggml_init(params);
     for (int il = 0; il < hp.n_layer; ++il) {
@@ -24,7 +24,12 @@ void kv_cache::init(const llama_hparams & hp, int32_t n_ctx_, ggml_type type_, g
         v.push_back(ggml_new_tensor_2d(ctx, type, n_embd_kv, n_ctx));
         ggml_format_name(k.back(), "cache_k_l%d", il);
         ggml_format_name(v.back(), "cache_v_l%d", il);
+        if (ring_size_ > 0) {
+            k_ring.push_back(ggml_new_tensor_2d(ctx, type, n_embd_kv, ring_size_));
+            ggml_format_name(k_ring.back(), "cache_k_ring_l%d", il);
+        }
     }
+    ring_size = ring_size_;
     buffer = ggml_backend_alloc_ctx_tensors(ctx, backend);
     if (!buffer) throw std::runtime_error("cannot allocate the KV cache (" + std::to_string(n_ctx) + " tokens)");
     // Unwritten cells are never read unmasked, but zeros keep any masked-out product finite.

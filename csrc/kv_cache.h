@@ -14,6 +14,10 @@ struct kv_cache {
     ggml_backend_buffer_t buffer = nullptr;
     std::vector<ggml_tensor *> k;  // [n_embd_kv, n_ctx] per layer
     std::vector<ggml_tensor *> v;  // [n_embd_kv, n_ctx] per layer
+    // SelfExtend only: the last keys again, rotated to their own positions (neighbor keys), in a
+    // ring of ring_size rows (row j at j % ring_size): O(W) extra memory.
+    int32_t ring_size = 0;
+    std::vector<ggml_tensor *> k_ring;  // [n_embd_kv, ring_size] per layer
 
     kv_cache() = default;
     kv_cache(const kv_cache &) = delete;
@@ -21,7 +25,7 @@ struct kv_cache {
     ~kv_cache();
 
     // Allocates (zeroed) storage for n_ctx tokens on the given backend.
-    void init(const llama_hparams & hp, int32_t n_ctx, ggml_type type, ggml_backend_t backend);
+    void init(const llama_hparams & hp, int32_t n_ctx, ggml_type type, ggml_backend_t backend, int32_t ring_size = 0);
     void clear() { n_past = 0; }
     size_t bytes() const;
 };

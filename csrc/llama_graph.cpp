@@ -6,6 +6,18 @@ namespace pse {
 
 size_t llama_graph_max_nodes(const gguf_model & model) { return 256 + 64 * (size_t) model.hp.n_layer; }
 
+rope_params make_rope_params(const gguf_model & model) {
+    const llama_hparams & hp = model.hp;
+    rope_params rope;
+    rope.n_rot = hp.n_rot;
+    rope.mode = hp.rope_mode;
+    rope.n_ctx_orig = hp.n_ctx_train;
+    rope.freq_base = hp.rope_freq_base;
+    rope.freq_scale = hp.rope_freq_scale;
+    rope.freq_factors = model.rope_freqs;
+    return rope;
+}
+
 static ggml_tensor * add_bias(ggml_context * ctx, ggml_tensor * x, ggml_tensor * bias) {
     return bias ? ggml_add(ctx, x, bias) : x;
 }
@@ -20,13 +32,7 @@ ggml_cgraph * build_llama_graph(ggml_context * ctx, const gguf_model & model, kv
     ggml_set_name(in.tokens, "inp_tokens");
     ggml_set_input(in.tokens);
 
-    rope_params rope;
-    rope.n_rot = hp.n_rot;
-    rope.mode = hp.rope_mode;
-    rope.n_ctx_orig = hp.n_ctx_train;
-    rope.freq_base = hp.rope_freq_base;
-    rope.freq_scale = hp.rope_freq_scale;
-    rope.freq_factors = model.rope_freqs;
+    const rope_params rope = make_rope_params(model);
     const float kq_scale = 1.0f / std::sqrt((float) hp.head_dim);
     attention_config cfg = attn;
     cfg.kq_scale = kq_scale;

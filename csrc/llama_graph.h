@@ -18,5 +18,6 @@ ggml_cgraph * build_llama_graph(ggml_context * ctx, const gguf_model & model, kv
                                 llama_graph_inputs & inputs);
 
 size_t llama_graph_max_nodes(const gguf_model & model);
+rope_params make_rope_params(const gguf_model & model);
 
 }  // namespace pse

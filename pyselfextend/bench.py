@@ -1,98 +1,162 @@
-"""``pyselfextend bench``: prefill and decode speed against llama.cpp, in one run.
+"""``pyselfextend bench``: prefill and decode speed and peak memory against llama.cpp, in one run.
 
-Every engine gets the same model file, thread count and random tokens, and the measurements are
-interleaved (engine after engine, repetition after repetition) so that drift in a noisy machine's
-speed hits all of them alike. At each depth d the cache is first filled with d tokens (untimed);
-prefill is one batch of --n-prompt tokens after them, decode is --n-gen single tokens after them.
-llama.cpp runs twice, flash attention on and off; pyselfextend is compared with the better of the
-two. The ratios are pyselfextend / llama.cpp: above 1 means pyselfextend is faster.
+Every engine gets the same model file, thread count and random tokens. Each engine runs in its own
+process, so that its peak resident memory (RSS) is its own. At each depth d the cache is first
+filled to d tokens (untimed; depths are visited in increasing order and each fill continues the
+last); prefill is one batch of --n-prompt tokens after them, decode is --n-gen single tokens after
+them; each is repeated and the median reported.
+
+Engines:
+  selfextend     pyselfextend as a user gets it for a context of (deepest depth + prefill) tokens:
+                 SelfExtend with the default group size and window once that exceeds the
+                 model's trained context, ordinary attention below it
+  ordinary       pyselfextend with SelfExtend off (ordinary attention, ggml flash attention)
+  llama.cpp-fa   llama.cpp (libllama from the pinned source), flash attention on
+  llama.cpp      llama.cpp, flash attention off
+Ratios are pyselfextend (selfextend) / llama.cpp: above 1 means pyselfextend is faster or, for
+memory, uses more.
 """
 from __future__ import annotations
 
 import argparse
 import json
+import os
+import resource
 import statistics
+import subprocess
 import sys
 import time
 from typing import Dict, List
 
 import numpy as np
 
-from . import _engine
-from .cli import parse_size
-from .model import _default_threads
-from .models import resolve_model
+ENGINES = ["selfextend", "ordinary", "llama.cpp-fa", "llama.cpp"]
 
 
 def _depths(text: str) -> List[int]:
-    out = []
-    for part in text.split(","):
-        part = part.strip()
-        out.append(0 if part == "0" else parse_size(part))
+    from .cli import parse_size
+
+    return sorted({0 if p.strip() == "0" else parse_size(p) for p in text.split(",")})
+
+
+def _worker(engine: str, path: str, threads: int, depths: List[int], n_prompt: int, n_gen: int, reps: int) -> Dict:
+    """Runs one engine through every depth in this process; returns speeds and peak RSS."""
+    from . import _engine
+    from .context import plan_context
+
+    n_batch = max(512, n_prompt)
+    n_ctx = max(depths) + max(n_prompt, n_gen) + 16
+    model = _engine.Model(path)
+    plan = None
+    if engine == "selfextend":
+        plan = plan_context(n_ctx, model.n_ctx_train)
+        eng = _engine.Engine(model, n_ctx, n_batch, threads, "f16", plan.group_size, plan.window)
+    elif engine == "ordinary":
+        eng = _engine.Engine(model, n_ctx, n_batch, threads, "f16")
+    else:
+        eng = _engine.Reference(path, n_ctx, n_batch, threads, engine == "llama.cpp-fa")
+    rng = np.random.default_rng(1234)  # the same tokens for every engine
+    fill = rng.integers(0, model.n_vocab, size=max(depths)).tolist()
+    prompt = rng.integers(0, model.n_vocab, size=n_prompt).tolist()
+    gen = rng.integers(0, model.n_vocab, size=n_gen).tolist()
+
+    out = {"engine": engine, "depths": {}}
+    if plan is not None:
+        out["group_size"], out["window"] = plan.group_size, plan.window
+    for depth in depths:
+        eng.truncate(eng.n_past if eng.n_past <= depth else depth)
+        t0 = time.perf_counter()
+        for start in range(eng.n_past, depth, n_batch):
+            eng.eval(fill[start:min(depth, start + n_batch)])
+            print(f"  {engine}: filling to depth {depth}: {min(depth, start + n_batch)}", file=sys.stderr, flush=True)
+        fill_s = time.perf_counter() - t0
+        pre, dec = [], []
+        for _ in range(reps):
+            eng.truncate(depth)
+            t = time.perf_counter()
+            eng.eval(prompt)
+            pre.append(n_prompt / (time.perf_counter() - t))
+            eng.truncate(depth)
+            t = time.perf_counter()
+            for tok in gen:
+                eng.eval([tok])
+            dec.append(n_gen / (time.perf_counter() - t))
+        eng.truncate(depth)
+        out["depths"][str(depth)] = {"prefill": pre, "decode": dec, "fill_seconds": fill_s}
+        print(f"  {engine}: depth {depth}: prefill {statistics.median(pre):.1f} t/s, decode "
+              f"{statistics.median(dec):.1f} t/s", file=sys.stderr, flush=True)
+    out["peak_rss_bytes"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux: KiB
     return out
 
 
 def run_bench(args: argparse.Namespace) -> int:
+    from .model import _default_threads
+    from .models import resolve_model
+
     path = str(resolve_model(args.model))
     threads = args.threads or _default_threads()
     depths = _depths(args.depths)
-    n_prompt, n_gen, reps = args.n_prompt, args.n_gen, args.repetitions
-    n_batch = max(512, n_prompt)
-    n_ctx = max(depths) + max(n_prompt, n_gen) + 16
+    engines = [e.strip() for e in args.engines.split(",")]
+    for e in engines:
+        if e not in ENGINES:
+            raise ValueError(f"unknown engine {e!r}; choose from {', '.join(ENGINES)}")
+    print(f"bench: {path}, {threads} threads, prefill {args.n_prompt}, decode {args.n_gen}, depths {depths}, "
+          f"{args.repetitions} repetitions, engines {', '.join(engines)}", file=sys.stderr, flush=True)
 
-    _engine.set_verbose(bool(args.verbose))
-    model = _engine.Model(path)
-    engines = {
-        "pyselfextend": _engine.Engine(model, n_ctx, n_batch, threads, "f16"),
-        "llama.cpp FA on": _engine.Reference(path, n_ctx, n_batch, threads, True),
-        "llama.cpp FA off": _engine.Reference(path, n_ctx, n_batch, threads, False),
-    }
-    rng = np.random.default_rng(1234)
-    n_vocab = model.n_vocab
-    log = lambda msg: print(msg, file=sys.stderr, flush=True)
-    log(f"bench: {path}, {threads} threads, prefill {n_prompt}, decode {n_gen}, depths {depths}, {reps} repetitions")
+    results = {}
+    for e in engines:
+        cmd = [sys.executable, "-m", "pyselfextend.bench", "--worker", e, path, str(threads),
+               ",".join(map(str, depths)), str(args.n_prompt), str(args.n_gen), str(args.repetitions)]
+        proc = subprocess.run(cmd, stdout=subprocess.PIPE, text=True, env=os.environ.copy())
+        if proc.returncode != 0:
+            raise RuntimeError(f"bench worker for {e} failed (exit {proc.returncode})")
+        results[e] = json.loads(proc.stdout)
 
-    results: Dict[int, Dict[str, Dict[str, List[float]]]] = {}
-    for depth in depths:
-        fill = rng.integers(0, n_vocab, size=depth).tolist()
-        prompt = rng.integers(0, n_vocab, size=n_prompt).tolist()
-        gen = rng.integers(0, n_vocab, size=n_gen).tolist()
-        per = results[depth] = {name: {"prefill": [], "decode": []} for name in engines}
-        for name, eng in engines.items():
-            eng.reset()
-            if depth:
-                log(f"  depth {depth}: filling the cache of {name}")
-                eng.eval(fill)
-        for rep in range(reps):
-            for name, eng in engines.items():
-                eng.truncate(depth)
-                t = time.perf_counter()
-                eng.eval(prompt)
-                per[name]["prefill"].append(n_prompt / (time.perf_counter() - t))
-                eng.truncate(depth)
-                t = time.perf_counter()
-                for tok in gen:
-                    eng.eval([tok])
-                per[name]["decode"].append(n_gen / (time.perf_counter() - t))
-            log(f"  depth {depth}: repetition {rep + 1}/{reps} done")
+    report = {"model": path, "threads": threads, "n_prompt": args.n_prompt, "n_gen": args.n_gen,
+              "repetitions": args.repetitions, "date": time.strftime("%Y-%m-%d"), "engines": {}, "ratios": {}}
+    for e, r in results.items():
+        report["engines"][e] = {
+            "peak_rss_bytes": r["peak_rss_bytes"],
+            **({"group_size": r["group_size"], "window": r["window"]} if "group_size" in r else {}),
+            "depths": {d: {k: statistics.median(v[k]) for k in ("prefill", "decode")} for d, v in r["depths"].items()},
+        }
+    base = "selfextend" if "selfextend" in results else "ordinary"
+    llamas = [e for e in ("llama.cpp-fa", "llama.cpp") if e in results]
+    if base in results and llamas:
+        for d in map(str, depths):
+            ours = report["engines"][base]["depths"][d]
+            ratios = {}
+            for k in ("prefill", "decode"):
+                best = max(report["engines"][e]["depths"][d][k] for e in llamas)
+                ratios[f"{k}_vs_best_llama.cpp"] = ours[k] / best
+                if "llama.cpp-fa" in results:
+                    ratios[f"{k}_vs_llama.cpp-fa"] = ours[k] / report["engines"]["llama.cpp-fa"]["depths"][d][k]
+            report["ratios"][d] = ratios
+        report["ratios"]["peak_rss_vs_llama.cpp-fa" if "llama.cpp-fa" in results else "peak_rss_vs_llama.cpp"] = (
+            results[base]["peak_rss_bytes"] / results[llamas[0]]["peak_rss_bytes"])
 
-    report = {"model": path, "threads": threads, "n_prompt": n_prompt, "n_gen": n_gen, "repetitions": reps,
-              "depths": []}
-    for depth, per in results.items():
-        med = {name: {k: statistics.median(v) for k, v in m.items()} for name, m in per.items()}
-        ours = med["pyselfextend"]
-        best = {k: max(med["llama.cpp FA on"][k], med["llama.cpp FA off"][k]) for k in ("prefill", "decode")}
-        report["depths"].append({"depth": depth, "tokens_per_second": med,
-                                 "ratio_vs_best_llama_cpp": {k: ours[k] / best[k] for k in best}})
     if args.json:
         print(json.dumps(report, indent=2))
         return 0
-    print(f"model {path}\nthreads {threads}; median of {reps}; prefill = {n_prompt} tokens in one batch, "
-          f"decode = {n_gen} tokens one at a time; tokens/s")
-    print(f"{'depth':>7}  {'engine':<18} {'prefill':>9} {'decode':>9}")
-    for d in report["depths"]:
-        for name, m in d["tokens_per_second"].items():
-            print(f"{d['depth']:>7}  {name:<18} {m['prefill']:>9.1f} {m['decode']:>9.1f}")
-        r = d["ratio_vs_best_llama_cpp"]
-        print(f"{d['depth']:>7}  {'ratio vs best':<18} {r['prefill']:>8.2f}x {r['decode']:>8.2f}x")
+    print(f"model {path}\n{threads} threads; median of {args.repetitions}; prefill = {args.n_prompt} tokens in one "
+          f"batch after DEPTH cached tokens, decode = {args.n_gen} tokens one at a time after them; tokens/s")
+    print(f"{'depth':>7}  {'engine':<14} {'prefill':>9} {'decode':>9}")
+    for d in map(str, depths):
+        for e, r in report["engines"].items():
+            m = r["depths"][d]
+            print(f"{d:>7}  {e:<14} {m['prefill']:>9.1f} {m['decode']:>9.1f}")
+        for key, label in (("vs_best_llama.cpp", "/ best llama"), ("vs_llama.cpp-fa", "/ llama FA on")):
+            r = report["ratios"].get(d, {})
+            if f"prefill_{key}" in r:
+                print(f"{d:>7}  {base + ' ' + label:<14} {r[f'prefill_{key}']:>8.2f}x {r[f'decode_{key}']:>8.2f}x")
+    print("peak RSS: " + ", ".join(f"{e} {r['peak_rss_bytes'] / 2**20:.0f} MiB" for e, r in report["engines"].items()))
+    for e, r in report["engines"].items():
+        if "group_size" in r and r["group_size"] > 1:
+            print(f"{e}: group_size={r['group_size']} window={r['window']}")
     return 0
+
+
+if __name__ == "__main__" and len(sys.argv) > 1 and sys.argv[1] == "--worker":
+    _, _, engine, path, threads, depths, n_prompt, n_gen, reps = sys.argv
+    json.dump(_worker(engine, path, int(threads), [int(d) for d in depths.split(",")], int(n_prompt), int(n_gen),
+                      int(reps)), sys.stdout)

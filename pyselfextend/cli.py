@@ -10,7 +10,11 @@ from typing import List, Optional
 from . import models
 
 DESCRIPTION = """\
-Run quantized GGUF llama-family models on the CPU.
+Run quantized GGUF llama-family models on the CPU, past their trained context.
+
+When --ctx exceeds the context a model was trained on, attention is SelfExtend: exact, no
+fine-tuning. Keys within --window tokens of a query keep their positions, farther keys share
+positions in groups of --group-size; by default both are chosen for --ctx and reported on stderr.
 
 Generated text goes to stdout; logs and progress go to stderr. MODEL is a GGUF file or a
 catalogue name; without --model the default model is used (fetch it first with
@@ -21,7 +25,9 @@ EPILOG = """\
 examples:
   pyselfextend pull
   pyselfextend generate --prompt "The capital of France is" --max-tokens 32 --temperature 0
-  pyselfextend generate --prompt-file report.txt --ctx 8k --max-tokens 200 < /dev/null
+  pyselfextend generate --prompt-file report.txt --ctx 16k --max-tokens 200
+  pyselfextend generate --prompt-file report.txt --ctx 16k --group-size 4 --window 1024
+  pyselfextend info --ctx 16k
   echo "Write a haiku about autumn." | pyselfextend chat --max-tokens 64
   pyselfextend info
   pyselfextend bench --threads 2
@@ -59,12 +65,22 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--verbose", "-v", action="store_true", help="show libllama/ggml log messages")
 
 
+def _add_selfextend_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--group-size", "-G", type=_positive_int, default=None, metavar="G",
+                   help="SelfExtend group size (default: the smallest that reaches --ctx)")
+    p.add_argument("--window", "-W", type=parse_size, default=None, metavar="W",
+                   help="SelfExtend neighbor window in tokens (default: a quarter of the trained context)")
+    p.add_argument("--no-selfextend", dest="selfextend", action="store_false",
+                   help="ordinary attention at any --ctx (degrades past the trained context)")
+
+
 def _add_generation_args(p: argparse.ArgumentParser) -> None:
     src = p.add_mutually_exclusive_group()
     src.add_argument("--prompt", "-p", metavar="TEXT", help="prompt text (default: read stdin)")
     src.add_argument("--prompt-file", "-f", metavar="FILE", help="read the prompt from FILE")
     p.add_argument("--ctx", "-c", type=parse_size, default=4096, metavar="N",
                    help="context size: prompt + generated tokens (default 4096; accepts 16k)")
+    _add_selfextend_args(p)
     p.add_argument("--batch", type=_positive_int, default=512, metavar="N", help="prompt batch size (default 512)")
     p.add_argument("--max-tokens", "-n", type=int, default=256, metavar="N", help="tokens to generate (default 256)")
     p.add_argument("--temperature", "--temp", type=float, default=0.8, metavar="T",
@@ -91,7 +107,12 @@ def _read_prompt(args: argparse.Namespace) -> str:
 def _open_model(args: argparse.Namespace, n_ctx: int, n_batch: int = 512):
     from .model import LocalModel
 
-    return LocalModel(args.model, n_ctx=n_ctx, n_threads=args.threads, n_batch=n_batch, verbose=args.verbose)
+    if not args.selfextend and (args.group_size is not None or args.window is not None):
+        raise ValueError("--no-selfextend cannot be combined with --group-size/--window")
+    llm = LocalModel(args.model, n_ctx=n_ctx, n_threads=args.threads, n_batch=n_batch, verbose=args.verbose,
+                     group_size=args.group_size, window=args.window, selfextend=args.selfextend)
+    print(f"pyselfextend: {llm.plan.describe()}", file=sys.stderr)
+    return llm
 
 
 def _run_generation(args: argparse.Namespace, chat: bool) -> int:
@@ -120,6 +141,7 @@ def cmd_pull(args: argparse.Namespace) -> int:
 
 def cmd_info(args: argparse.Namespace) -> int:
     from . import _engine
+    from .context import plan_context
 
     path = models.resolve_model(args.model)
     m = _engine.Model(str(path))
@@ -129,6 +151,12 @@ def cmd_info(args: argparse.Namespace) -> int:
         "n_head_kv": m.n_head_kv, "head_dim": m.head_dim, "n_ff": m.n_ff, "n_vocab": m.n_vocab,
         "rope_freq_base": m.rope_freq_base, "weight_types": list(m.weight_types), "file_size": m.file_size,
     }
+    if args.ctx is not None:
+        if not args.selfextend and (args.group_size is not None or args.window is not None):
+            raise ValueError("--no-selfextend cannot be combined with --group-size/--window")
+        plan = plan_context(args.ctx, m.n_ctx_train, args.group_size, args.window, args.selfextend)
+        info.update({"n_ctx": args.ctx, "attention": "selfextend" if plan.group_size > 1 else "ordinary",
+                     "group_size": plan.group_size, "window": plan.window, "usable_length": plan.usable_length})
     if args.json:
         print(json.dumps(info, indent=2))
     else:
@@ -166,6 +194,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("info", help="show a model's architecture, trained context, size and weight types",
                        description="Show what a GGUF model file holds.")
     p.add_argument("model", nargs="?", default=None, metavar="MODEL", help="GGUF file or catalogue name")
+    p.add_argument("--ctx", "-c", type=parse_size, default=None, metavar="N",
+                   help="also show the attention set-up for a context of N tokens (e.g. 16k)")
+    _add_selfextend_args(p)
     p.add_argument("--json", action="store_true", help="print JSON")
     p.set_defaults(func=cmd_info)
 
@@ -180,15 +211,17 @@ def build_parser() -> argparse.ArgumentParser:
     _add_generation_args(p)
     p.set_defaults(func=lambda a: _run_generation(a, chat=True))
 
-    p = sub.add_parser("bench", help="prefill and decode speed against llama.cpp, in one run",
-                       description="Measure prompt processing (prefill) and decode speed of pyselfextend and of "
-                                   "llama.cpp (libllama from the pinned source, flash attention on and off) on the "
-                                   "same model file, threads and machine, in one run, and print the ratios.")
+    p = sub.add_parser("bench", help="prefill/decode speed and peak memory against llama.cpp, in one run",
+                       description="Prefill and decode speed and peak memory of pyselfextend against llama.cpp, in one run.\n\n"
+                                   + __import__("pyselfextend.bench", fromlist=["x"]).__doc__.split("\n", 1)[1].strip(),
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
     _add_model_args(p)
     p.add_argument("--n-prompt", type=_positive_int, default=512, metavar="N", help="prefill tokens (default 512)")
     p.add_argument("--n-gen", type=_positive_int, default=128, metavar="N", help="decoded tokens (default 128)")
     p.add_argument("--depths", default="0", metavar="LIST",
                    help="comma-separated cache depths to measure at, e.g. 0,4k,8k (default 0)")
+    p.add_argument("--engines", default=",".join(["selfextend", "ordinary", "llama.cpp-fa", "llama.cpp"]),
+                   metavar="LIST", help="engines to run (default: all four)")
     p.add_argument("--repetitions", "-r", type=_positive_int, default=3, metavar="N",
                    help="runs per measurement; the median is reported (default 3)")
     p.add_argument("--json", action="store_true", help="print JSON")

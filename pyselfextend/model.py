@@ -10,6 +10,7 @@ from typing import Callable, Dict, Iterator, List, Optional, Sequence, Union
 import numpy as np
 
 from . import _engine
+from .context import ContextPlan, plan_context
 from .models import resolve_model
 from .sampling import Sampler, SamplingParams
 
@@ -31,6 +32,12 @@ class LocalModel:
     ``path`` may be a GGUF file, a catalogue name, or ``None`` for the default model (fetched
     beforehand with ``pyselfextend pull``).
 
+    Long contexts: when ``n_ctx`` exceeds the context the model was trained on, attention is
+    SelfExtend (exact, no fine-tuning): keys within ``window`` tokens of a query keep their
+    positions, farther keys share positions in groups of ``group_size``. Both are chosen for
+    ``n_ctx`` unless given; ``plan`` reports the choice. ``selfextend=False`` keeps ordinary
+    attention at any length (it degrades past the trained context).
+
     Two levels of use:
 
     * Text in, text out: ``generate(prompt, ...)`` and ``chat(messages, ...)`` start from an
@@ -45,6 +52,11 @@ class LocalModel:
         n_threads: CPU threads for compute (default: every core this process may use).
         n_batch: prompt tokens evaluated per graph run.
         cache_type: ``"f16"`` (default, as llama.cpp) or ``"f32"`` for the KV cache.
+        group_size: SelfExtend G (default: the smallest that reaches ``n_ctx``).
+        window: SelfExtend W, the neighbor window (default: a quarter of the trained context).
+        selfextend: ``False`` for ordinary attention whatever ``n_ctx`` is.
+        attention_path: how SelfExtend scores are computed: ``"auto"`` (the fused kernel on the CPU
+            backend, standard ggml ops on any other), ``"fused"`` or ``"portable"``.
         verbose: print libllama/ggml log messages to stderr.
 
     Raises:
@@ -61,6 +73,10 @@ class LocalModel:
         n_threads: Optional[int] = None,
         n_batch: int = 512,
         cache_type: str = "f16",
+        group_size: Optional[int] = None,
+        window: Optional[int] = None,
+        selfextend: bool = True,
+        attention_path: str = "auto",
         verbose: bool = False,
     ) -> None:
         for name, value in (("n_ctx", n_ctx), ("n_batch", n_batch)):
@@ -72,15 +88,21 @@ class LocalModel:
             raise ValueError(f"n_threads must be an integer in [1, 512], got {n_threads!r}")
         if cache_type not in ("f16", "f32"):
             raise ValueError(f"cache_type must be 'f16' or 'f32', got {cache_type!r}")
+        if attention_path not in ("auto", "fused", "portable"):
+            raise ValueError(f"attention_path must be 'auto', 'fused' or 'portable', got {attention_path!r}")
 
         self.path: Path = resolve_model(None if path is None else os.fspath(path))
         _engine.set_verbose(verbose)
         self._model = _engine.Model(str(self.path))
         self._vocab = _engine.Vocab(str(self.path))
-        self._engine = _engine.Engine(self._model, int(n_ctx), int(n_batch), int(n_threads), cache_type)
+        #: How attention is set up for ``n_ctx``: SelfExtend's group size and window, usable length.
+        self.plan: ContextPlan = plan_context(int(n_ctx), self._model.n_ctx_train, group_size, window, selfextend)
+        self._engine = _engine.Engine(self._model, int(n_ctx), int(n_batch), int(n_threads), cache_type,
+                                      self.plan.group_size, self.plan.window,
+                                      attention_path)
         self.n_threads = int(n_threads)
         self.n_batch = int(n_batch)
-        if n_ctx > self._model.n_ctx_train:
+        if not selfextend and n_ctx > self._model.n_ctx_train:
             warnings.warn(
                 f"n_ctx={n_ctx} exceeds the model's trained context ({self._model.n_ctx_train}); "
                 "ordinary attention degrades past it", stacklevel=2)
@@ -115,6 +137,8 @@ class LocalModel:
             "n_params": m.n_params, "n_vocab": m.n_vocab, "n_embd": m.n_embd, "n_layer": m.n_layer,
             "n_head": m.n_head, "n_head_kv": m.n_head_kv, "head_dim": m.head_dim, "n_ff": m.n_ff,
             "rope_freq_base": m.rope_freq_base, "weight_types": list(m.weight_types), "file_size": m.file_size,
+            "n_ctx": self.n_ctx, "group_size": self.plan.group_size, "window": self.plan.window,
+            "usable_length": self.plan.usable_length,
         }
 
     # -- tokens ------------------------------------------------------------------------------
@@ -202,9 +226,11 @@ class LocalModel:
         if not ids:
             raise ValueError("the prompt is empty")
         if len(ids) + max_tokens > self.n_ctx:
+            reach = self.plan.usable_length
+            limit = f"; this model reaches {reach} tokens with {self.plan.describe().split(':')[0]}" if reach else ""
             raise ValueError(
                 f"prompt ({len(ids)} tokens) + max_tokens ({max_tokens}) = {len(ids) + max_tokens} tokens exceeds "
-                f"the context size n_ctx={self.n_ctx}")
+                f"the context size n_ctx={self.n_ctx}{limit}")
         sampler = Sampler(params)  # validates the sampling options before any work
         stops = [stop] if isinstance(stop, str) else list(stop or [])
         if any(not s for s in stops):

@@ -69,3 +69,36 @@ def test_prompt_from_stdin_and_file(smollm_path, tmp_path):
     a = run("generate", "-m", str(smollm_path), "-f", str(f), "-n", "8", "--temperature", "0")
     b = run("generate", "-m", str(smollm_path), "-n", "8", "--temperature", "0", input="Water boils at")
     assert a.returncode == b.returncode == 0 and a.stdout == b.stdout and a.stdout.strip()
+
+
+@pytest.mark.model
+def test_ctrl_c_during_prefill_stops_cleanly(smollm_path, tmp_path):
+    import signal
+    import time
+
+    f = tmp_path / "long.txt"
+    f.write_text("The grass is green. The sky is blue. " * 700)  # about 6,000 tokens: many batches of 64
+    proc = subprocess.Popen([sys.executable, "-m", "pyselfextend", "generate", "-m", str(smollm_path), "-f", str(f),
+                             "--ctx", "8k", "--batch", "64", "-n", "4", "-t", "2"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    time.sleep(4)
+    assert proc.poll() is None, "prefill finished before it could be interrupted"
+    t = time.monotonic()
+    proc.send_signal(signal.SIGINT)
+    out, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130, err
+    assert "interrupted" in err and "Traceback" not in err
+    assert time.monotonic() - t < 20  # stops after the running batch, not at the end of the prompt
+
+
+def test_selfextend_options(tiny_model):
+    r = run("info", str(tiny_model()), "--ctx", "1k", "--json")
+    info = json.loads(r.stdout)
+    assert info["attention"] == "selfextend" and info["group_size"] > 1 and info["usable_length"] >= 1024
+    r = run("info", str(tiny_model()), "--ctx", "1k", "-G", "8", "-W", "32", "--json")
+    info = json.loads(r.stdout)
+    assert (info["group_size"], info["window"], info["usable_length"]) == (8, 32, (256 - 32) * 8 + 32)
+    r = run("generate", "-m", str(tiny_model()), "-p", "hi", "--ctx", "1k", "--no-selfextend", "-G", "2")
+    assert r.returncode == 1 and "--no-selfextend" in r.stderr
+    r = run("info", str(tiny_model()), "--ctx", "100k", "-G", "2", "-W", "32")
+    assert r.returncode == 1 and "reaches" in r.stderr

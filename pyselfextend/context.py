@@ -1,0 +1,86 @@
+"""Choosing SelfExtend's group size G and neighbor window W for a requested context length.
+
+See ``shared/SELFEXTEND.md``: with trained context L, SelfExtend reaches ``(L - W) * G + W``
+tokens. Given a target T the default is W = L/4 (rounded down to a multiple of G) and the smallest
+G that reaches T; G and W may also be given, and are then checked.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+
+@dataclass(frozen=True)
+class ContextPlan:
+    """How attention is configured for a context of ``n_ctx`` tokens."""
+
+    n_ctx: int
+    n_ctx_train: int
+    group_size: int      # G; 1 means ordinary attention
+    window: int          # W; 0 when G == 1
+    selfextend: bool     # False when the user turned SelfExtend off
+
+    @property
+    def usable_length(self) -> Optional[int]:
+        """Longest sequence kept within the trained context, or None for ordinary attention."""
+        if self.group_size == 1:
+            return self.n_ctx_train if self.selfextend else None
+        return usable_length(self.n_ctx_train, self.group_size, self.window)
+
+    def describe(self) -> str:
+        if not self.selfextend:
+            past = " (past the trained context of %d: expect degraded output)" % self.n_ctx_train \
+                if self.n_ctx > self.n_ctx_train else ""
+            return f"ordinary attention, n_ctx={self.n_ctx}{past}"
+        if self.group_size == 1:
+            return f"ordinary attention (n_ctx={self.n_ctx} is within the trained context {self.n_ctx_train})"
+        return (f"SelfExtend group_size={self.group_size} window={self.window}: usable length "
+                f"{self.usable_length} tokens (trained context {self.n_ctx_train}), n_ctx={self.n_ctx}")
+
+
+def usable_length(n_ctx_train: int, group_size: int, window: int) -> int:
+    """``(L - W) * G + W``: the longest sequence SelfExtend with (G, W) keeps within L."""
+    return (n_ctx_train - window) * group_size + window
+
+
+def _check_int(name: str, value: object) -> int:
+    if not isinstance(value, int) or isinstance(value, bool):
+        raise ValueError(f"{name} must be an integer, got {value!r}")
+    return value
+
+
+def plan_context(n_ctx: int, n_ctx_train: int, group_size: Optional[int] = None, window: Optional[int] = None,
+                 selfextend: bool = True) -> ContextPlan:
+    """Picks (or checks) G and W so that SelfExtend covers ``n_ctx`` tokens.
+
+    Raises ValueError naming the problem: G < 1, W outside [1, L), G/W given with SelfExtend off,
+    or a (G, W) whose usable length is below ``n_ctx``.
+    """
+    L = n_ctx_train
+    if not selfextend:
+        if group_size is not None or window is not None:
+            raise ValueError("group_size/window cannot be combined with selfextend=False")
+        return ContextPlan(n_ctx, L, 1, 0, False)
+    if group_size is not None and _check_int("group_size", group_size) < 1:
+        raise ValueError(f"group_size must be >= 1, got {group_size}")
+    if window is not None and not 1 <= _check_int("window", window) < L:
+        raise ValueError(f"window must be in [1, {L - 1}] (below the trained context {L}), got {window}")
+
+    if group_size is None:
+        if window is None and n_ctx <= L:
+            return ContextPlan(n_ctx, L, 1, 0, True)  # nothing to extend: ordinary attention is exact
+        w = window if window is not None else L // 4
+        group_size = max(1, -(-(n_ctx - w) // (L - w)))  # smallest G with (L - W) * G + W >= n_ctx
+        if window is None:
+            window = w - w % group_size if group_size > 1 else w
+    elif window is None:
+        window = (L // 4) - (L // 4) % group_size if group_size > 1 else 0
+    if group_size == 1:
+        if n_ctx > L:
+            raise ValueError(f"group_size=1 cannot reach n_ctx={n_ctx}: the trained context is {L}")
+        return ContextPlan(n_ctx, L, 1, 0, True)
+    reach = usable_length(L, group_size, window)
+    if reach < n_ctx:
+        raise ValueError(f"SelfExtend with group_size={group_size}, window={window} reaches (L - W) * G + W = "
+                         f"{reach} tokens (L={L}), less than n_ctx={n_ctx}; raise group_size or lower window")
+    return ContextPlan(n_ctx, L, group_size, window, True)
