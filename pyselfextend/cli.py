@@ -142,15 +142,10 @@ def cmd_pull(args: argparse.Namespace) -> int:
 def cmd_info(args: argparse.Namespace) -> int:
     from . import _engine
     from .context import plan_context
+    from .model import model_facts
 
-    path = models.resolve_model(args.model)
-    m = _engine.Model(str(path))
-    info = {
-        "path": str(path), "name": m.name, "architecture": m.arch, "n_ctx_train": m.n_ctx_train,
-        "n_params": m.n_params, "n_layer": m.n_layer, "n_embd": m.n_embd, "n_head": m.n_head,
-        "n_head_kv": m.n_head_kv, "head_dim": m.head_dim, "n_ff": m.n_ff, "n_vocab": m.n_vocab,
-        "rope_freq_base": m.rope_freq_base, "weight_types": list(m.weight_types), "file_size": m.file_size,
-    }
+    m = _engine.Model(str(models.resolve_model(args.model)))
+    info = model_facts(m)
     if args.ctx is not None:
         if not args.selfextend and (args.group_size is not None or args.window is not None):
             raise ValueError("--no-selfextend cannot be combined with --group-size/--window")

@@ -18,6 +18,17 @@ ProgressCallback = Callable[[int, int], Optional[bool]]
 PathLike = Union[str, "os.PathLike[str]"]
 
 
+def model_facts(model: "_engine.Model") -> Dict[str, object]:
+    """Architecture, sizes and weight types of a loaded GGUF file, as ``info`` shows them."""
+    m = model
+    return {
+        "path": m.path, "name": m.name, "architecture": m.arch, "n_ctx_train": m.n_ctx_train,
+        "n_params": m.n_params, "n_layer": m.n_layer, "n_embd": m.n_embd, "n_head": m.n_head,
+        "n_head_kv": m.n_head_kv, "head_dim": m.head_dim, "n_ff": m.n_ff, "n_vocab": m.n_vocab,
+        "rope_freq_base": m.rope_freq_base, "weight_types": list(m.weight_types), "file_size": m.file_size,
+    }
+
+
 def _default_threads() -> int:
     try:
         return max(1, len(os.sched_getaffinity(0)))
@@ -131,13 +142,8 @@ class LocalModel:
     @property
     def info(self) -> Dict[str, object]:
         """Architecture, sizes and weight types read from the file."""
-        m = self._model
         return {
-            "path": str(self.path), "name": m.name, "architecture": m.arch, "n_ctx_train": m.n_ctx_train,
-            "n_params": m.n_params, "n_vocab": m.n_vocab, "n_embd": m.n_embd, "n_layer": m.n_layer,
-            "n_head": m.n_head, "n_head_kv": m.n_head_kv, "head_dim": m.head_dim, "n_ff": m.n_ff,
-            "rope_freq_base": m.rope_freq_base, "weight_types": list(m.weight_types), "file_size": m.file_size,
-            "n_ctx": self.n_ctx, "group_size": self.plan.group_size, "window": self.plan.window,
+            **model_facts(self._model), "n_ctx": self.n_ctx, "group_size": self.plan.group_size, "window": self.plan.window,
             "usable_length": self.plan.usable_length,
         }
 
