@@ -30,6 +30,7 @@ examples:
   pyselfextend info --ctx 16k
   echo "Write a haiku about autumn." | pyselfextend chat --max-tokens 64
   pyselfextend info
+  pyselfextend passkey --lengths 4k,12k --depths 0.1,0.5,0.9
   pyselfextend bench --threads 2
 
 environment:
@@ -173,6 +174,25 @@ def cmd_bench(args: argparse.Namespace) -> int:
     return run_bench(args)
 
 
+def cmd_passkey(args: argparse.Namespace) -> int:
+    from .passkey import format_table, run_passkey
+
+    if not args.selfextend and (args.group_size is not None or args.window is not None):
+        raise ValueError("--no-selfextend cannot be combined with --group-size/--window")
+    lengths = [parse_size(x) for x in args.lengths.split(",")]
+    depths = []
+    for x in args.depths.split(","):
+        try:
+            depths.append(float(x))
+        except ValueError:
+            raise ValueError(f"not a depth: {x!r} (use fractions such as 0.1,0.5,0.9)") from None
+    results = run_passkey(str(models.resolve_model(args.model)), lengths, depths, args.trials, args.seed,
+                          args.group_size, args.window, args.selfextend, args.threads,
+                          log=lambda msg: print(msg, file=sys.stderr, flush=True))
+    print(json.dumps(results, indent=2) if args.json else format_table(results))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="pyselfextend", description=DESCRIPTION, epilog=EPILOG,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -205,6 +225,19 @@ def build_parser() -> argparse.ArgumentParser:
     _add_model_args(p)
     _add_generation_args(p)
     p.set_defaults(func=lambda a: _run_generation(a, chat=True))
+
+    p = sub.add_parser("passkey", help="passkey retrieval accuracy by prompt length and key depth",
+                       description="The passkey retrieval test: a random 5-digit key hidden at a given depth of "
+                                   "filler text, then asked for, decoded greedily. Prints a length x depth table "
+                                   "of correct/total answers, or every trial as JSON.")
+    _add_model_args(p)
+    p.add_argument("--lengths", default="4k", metavar="LIST", help="prompt lengths in tokens, e.g. 4k,12k,16k")
+    p.add_argument("--depths", default="0.1,0.5,0.9", metavar="LIST", help="key depths, fractions of the filler")
+    p.add_argument("--trials", type=_positive_int, default=1, metavar="N", help="trials per cell (default 1)")
+    p.add_argument("--seed", type=int, default=0, metavar="S", help="seed for the keys (default 0)")
+    _add_selfextend_args(p)
+    p.add_argument("--json", action="store_true", help="print every trial as JSON")
+    p.set_defaults(func=cmd_passkey)
 
     p = sub.add_parser("bench", help="prefill/decode speed and peak memory against llama.cpp, in one run",
                        description="Prefill and decode speed and peak memory of pyselfextend against llama.cpp, in one run.\n\n"

@@ -2,7 +2,10 @@
 wording): a random number hidden at some depth of repetitive filler text, then asked for."""
 from __future__ import annotations
 
-from typing import Callable, List
+import random
+import re
+import time
+from typing import Callable, Dict, List, Optional
 
 INTRO = ("There is an important info hidden inside a lot of irrelevant text. Find it and memorize them. "
          "I will quiz you about the important information there.")
@@ -22,3 +25,50 @@ def passkey_prompt(count_tokens: Callable[[str], int], n_tokens: int, depth: flo
     before = round(n_fill * depth)
     parts: List[str] = [INTRO, FILLER * before, KEY_LINE.format(key=key), FILLER * (n_fill - before), QUESTION]
     return "".join(parts)
+
+
+def run_passkey(model_path: str, lengths: List[int], depths: List[float], trials: int = 1, seed: int = 0,
+                group_size: Optional[int] = None, window: Optional[int] = None, selfextend: bool = True,
+                n_threads: Optional[int] = None, n_batch: int = 512,
+                log: Callable[[str], None] = lambda msg: None) -> List[Dict[str, object]]:
+    """Runs the passkey test: for each length, depth and trial a fresh random 5-digit key, greedy
+    decoding of up to 16 tokens, and whether the answer's first number is the key."""
+    from .model import LocalModel
+
+    rng = random.Random(seed)
+    results: List[Dict[str, object]] = []
+    answer_tokens = 16  # digits are single tokens in many vocabularies, and models often restate the question
+    for length in lengths:
+        llm = LocalModel(model_path, n_ctx=length + answer_tokens, n_threads=n_threads, n_batch=n_batch,
+                         group_size=group_size, window=window, selfextend=selfextend)
+        log(f"passkey: length {length}: {llm.plan.describe()}")
+        count = lambda text: len(llm.tokenize(text))
+        for depth in depths:
+            for trial in range(trials):
+                key = rng.randint(10000, 99999)
+                ids = llm.tokenize(passkey_prompt(count, length, depth, key))
+                t = time.perf_counter()
+                answer = llm.generate(ids[: length], max_tokens=answer_tokens, temperature=0)
+                found = re.search(r"\d+", answer)
+                ok = bool(found) and found.group(0) == str(key)
+                results.append({"length": len(ids[:length]), "target_length": length, "depth": depth, "trial": trial,
+                                "key": key, "answer": answer, "ok": ok,
+                                "seconds": round(time.perf_counter() - t, 2),
+                                "group_size": llm.plan.group_size, "window": llm.plan.window})
+                log(f"passkey: length {length} depth {depth} trial {trial}: key {key} answer {answer!r} "
+                    f"{'ok' if ok else 'MISSED'} ({results[-1]['seconds']} s)")
+    return results
+
+
+def format_table(results: List[Dict[str, object]]) -> str:
+    """A length x depth table of correct/total."""
+    lengths = sorted({int(r["target_length"]) for r in results})
+    depths = sorted({float(r["depth"]) for r in results})
+    lines = ["length \\ depth " + "".join(f"{d:>9.0%}" for d in depths)]
+    for n in lengths:
+        cells = []
+        for d in depths:
+            rs = [r for r in results if r["target_length"] == n and r["depth"] == d]
+            cells.append(f"{sum(bool(r['ok']) for r in rs)}/{len(rs)}".rjust(9))
+        lines.append(f"{n:>14} " + "".join(cells))
+    return "\n".join(lines)

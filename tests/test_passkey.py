@@ -24,3 +24,29 @@ def test_length_and_depth(depth):
 def test_bad_depth():
     with pytest.raises(ValueError, match="depth"):
         passkey_prompt(words, 1000, 1.5, 1)
+
+
+def test_passkey_command_on_a_tiny_model(tiny_model):
+    import json
+    import subprocess
+    import sys
+
+    r = subprocess.run([sys.executable, "-m", "pyselfextend", "passkey", "-m", str(tiny_model()), "--lengths",
+                        "200,600", "--depths", "0.2,0.8", "--trials", "2", "--seed", "3", "--json", "-t", "1"],
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    trials = json.loads(r.stdout)
+    assert len(trials) == 2 * 2 * 2
+    assert {t["target_length"] for t in trials} == {200, 600} and {t["depth"] for t in trials} == {0.2, 0.8}
+    assert all(abs(t["length"] - t["target_length"]) <= 30 for t in trials)
+    assert all(10000 <= t["key"] <= 99999 and isinstance(t["ok"], bool) for t in trials)
+    assert {t["group_size"] > 1 for t in trials} == {False, True}  # 600 exceeds the trained 256
+
+
+@pytest.mark.model
+def test_smollm_finds_the_key_within_its_trained_context(smollm_path):
+    from pyselfextend.passkey import format_table, run_passkey
+
+    results = run_passkey(str(smollm_path), [1500], [0.2, 0.8], trials=1, seed=5, n_threads=2)
+    assert all(r["ok"] for r in results), results
+    assert "2/2" not in format_table(results) and "1/1" in format_table(results)
