@@ -193,6 +193,30 @@ def cmd_passkey(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_perplexity(args: argparse.Namespace) -> int:
+    from .perplexity import plot, summarize, token_nll
+    from .progress import ProgressBar
+
+    with open(args.file, encoding="utf-8") as f:
+        text = f.read()
+    llm = _open_model(args, args.ctx, args.batch)
+    ids = llm.tokenize(text)[: args.ctx]
+    if len(ids) < args.ctx:
+        print(f"pyselfextend: the document has {len(ids)} tokens, fewer than --ctx {args.ctx}", file=sys.stderr)
+    summary = summarize(token_nll(llm, ids, progress=ProgressBar("perplexity")), args.bucket)
+    summary.update({"file": args.file, "n_ctx_train": llm.n_ctx_train, "group_size": llm.plan.group_size,
+                    "window": llm.plan.window, "selfextend": llm.plan.selfextend})
+    if args.plot:
+        plot({llm.plan.describe().split(":")[0]: summary}, llm.n_ctx_train, args.plot)
+    if args.json:
+        print(json.dumps(summary, indent=2))
+    else:
+        print(f"perplexity {summary['ppl']:.3f} over {summary['n_predicted']} predicted tokens")
+        for b in summary["buckets"]:
+            print(f"  tokens {b['start']:>6}-{b['end']:<6} {b['ppl']:10.3f}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="pyselfextend", description=DESCRIPTION, epilog=EPILOG,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -238,6 +262,20 @@ def build_parser() -> argparse.ArgumentParser:
     _add_selfextend_args(p)
     p.add_argument("--json", action="store_true", help="print every trial as JSON")
     p.set_defaults(func=cmd_passkey)
+
+    p = sub.add_parser("perplexity", help="perplexity of a long document, overall and by position",
+                       description="Perplexity of one document evaluated as a single sequence of up to --ctx "
+                                   "tokens, overall and per bucket of positions, so that the behaviour past the "
+                                   "trained context is visible.")
+    _add_model_args(p)
+    p.add_argument("--file", "-f", required=True, metavar="FILE", help="the document (UTF-8 text)")
+    p.add_argument("--ctx", "-c", type=parse_size, default=4096, metavar="N", help="tokens to evaluate (default 4096)")
+    p.add_argument("--batch", type=_positive_int, default=512, metavar="N", help="batch size (default 512)")
+    p.add_argument("--bucket", type=parse_size, default=2048, metavar="N", help="positions per bucket (default 2k)")
+    _add_selfextend_args(p)
+    p.add_argument("--plot", metavar="PNG", help="draw perplexity by position (needs matplotlib)")
+    p.add_argument("--json", action="store_true", help="print JSON")
+    p.set_defaults(func=cmd_perplexity)
 
     p = sub.add_parser("bench", help="prefill/decode speed and peak memory against llama.cpp, in one run",
                        description="Prefill and decode speed and peak memory of pyselfextend against llama.cpp, in one run.\n\n"
