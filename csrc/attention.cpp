@@ -21,7 +21,7 @@ void set_i32(ggml_tensor * t, const std::vector<int32_t> & v) {
 
 ggml_tensor * rope(ggml_context * ctx, ggml_tensor * x, ggml_tensor * pos, const rope_params & r) {
     return ggml_rope_ext(ctx, x, pos, r.freq_factors, r.n_rot, r.mode, r.n_ctx_orig, r.freq_base, r.freq_scale,
-                         0.0f, 1.0f, 32.0f, 1.0f);
+                         r.ext_factor, r.attn_factor, r.beta_fast, r.beta_slow);
 }
 
 // Copies rows [0, n) of src ([n_embd_kv, n]) to ring rows pos0 % size .. (two pieces if it wraps).

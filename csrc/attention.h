@@ -24,6 +24,9 @@ struct rope_params {
     int32_t n_ctx_orig = 0;
     float freq_base = 10000.0f;
     float freq_scale = 1.0f;
+    float ext_factor = 0.0f;   // YaRN ramp mix (0: none)
+    float attn_factor = 1.0f;
+    float beta_fast = 32.0f, beta_slow = 1.0f;
     ggml_tensor * freq_factors = nullptr;  // optional rope_freqs tensor
 };
 

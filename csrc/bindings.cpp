@@ -177,8 +177,15 @@ PYBIND11_MODULE(_engine, m) {
 
     py::class_<engine>(m, "Engine", "A model with its KV cache and CPU compute threads.")
         .def(py::init([](std::shared_ptr<gguf_model> model, int32_t n_ctx, int32_t n_batch, int32_t n_threads,
-                         const std::string & cache_type, int32_t group_size, int32_t window, const std::string & path) {
+                         const std::string & cache_type, int32_t group_size, int32_t window, const std::string & path,
+                         const std::string & rope_scaling, float rope_factor) {
                  engine_params p;
+                 using rs = engine_params::rope_scaling;
+                 if (rope_scaling != "none" && rope_scaling != "linear" && rope_scaling != "yarn") {
+                     throw std::invalid_argument("rope_scaling must be 'none', 'linear' or 'yarn', got '" + rope_scaling + "'");
+                 }
+                 p.scaling = rope_scaling == "linear" ? rs::linear : rope_scaling == "yarn" ? rs::yarn : rs::none;
+                 p.rope_factor = rope_factor;
                  p.group_size = group_size;
                  p.window = window;
                  using pc = engine_params::path_choice;
@@ -193,7 +200,8 @@ PYBIND11_MODULE(_engine, m) {
                  return new engine(std::move(model), p);
              }),
              py::arg("model"), py::arg("n_ctx"), py::arg("n_batch"), py::arg("n_threads"), py::arg("cache_type") = "f16",
-             py::arg("group_size") = 1, py::arg("window") = 0, py::arg("attention_path") = "auto")
+             py::arg("group_size") = 1, py::arg("window") = 0, py::arg("attention_path") = "auto",
+             py::arg("rope_scaling") = "none", py::arg("rope_factor") = 1.0f)
         .def("eval",
              [](engine & e, py::object tokens, bool all_logits, py::object progress) {
                  std::vector<int32_t> ids = to_tokens(tokens);

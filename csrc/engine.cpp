@@ -29,6 +29,12 @@ engine::engine(std::shared_ptr<gguf_model> model, const engine_params & params)
         }
         if (model_->hp.head_dim % 8 != 0) throw std::invalid_argument("SelfExtend needs a head size that is a multiple of 8");
     }
+    if (params_.scaling != engine_params::rope_scaling::none) {
+        if (G > 1) throw std::invalid_argument("RoPE scaling is an alternative to SelfExtend; use one or the other");
+        if (!(params_.rope_factor >= 1.0f)) throw std::invalid_argument("rope scaling factor must be >= 1");
+        rope_override_.freq_scale_mul = 1.0f / params_.rope_factor;
+        rope_override_.ext_factor = params_.scaling == engine_params::rope_scaling::yarn ? 1.0f : 0.0f;
+    }
     backend_ = ggml_backend_cpu_init();
     if (!backend_) throw std::runtime_error("cannot initialise the ggml CPU backend");
     ggml_backend_cpu_set_n_threads(backend_, params_.n_threads);
@@ -70,7 +76,7 @@ void engine::refill_ring(int32_t lo, int32_t hi) {
     ggml_cgraph * gf = ggml_new_graph_custom(ctx, llama_graph_max_nodes(*model_), false);
     ggml_tensor * pos = ggml_new_tensor_1d(ctx, GGML_TYPE_I32, hi - lo);
     ggml_set_input(pos);
-    const rope_params rope = make_rope_params(*model_);
+    const rope_params rope = make_rope_params(*model_, &rope_override_);
     for (int il = 0; il < model_->hp.n_layer; ++il) build_ring_refill(ctx, gf, cache_, il, lo, hi, pos, rope, model_->hp.head_dim);
     if (!ggml_gallocr_alloc_graph(galloc_, gf)) {
         ggml_free(ctx);
@@ -100,7 +106,7 @@ void engine::eval_batch(const int32_t * tokens, int32_t n_tokens, int32_t n_outp
     attn.path = path_;
     attn.n_threads = params_.n_threads;
     attn.ring_size = ring_size_;
-    ggml_cgraph * gf = build_llama_graph(ctx, *model_, cache_, attn, cache_.n_past, n_tokens, n_outputs, in);
+    ggml_cgraph * gf = build_llama_graph(ctx, *model_, cache_, attn, rope_override_, cache_.n_past, n_tokens, n_outputs, in);
     if (!ggml_gallocr_alloc_graph(galloc_, gf)) {
         ggml_free(ctx);
         throw std::runtime_error("cannot allocate compute buffers for a batch of " + std::to_string(n_tokens));

@@ -22,6 +22,10 @@ struct engine_params {
     int32_t window = 0;       // SelfExtend W
     // SelfExtend scores: fused CPU kernel or portable ggml ops; auto picks by backend.
     enum class path_choice { automatic, fused, portable } path = path_choice::automatic;
+    // Baselines for long contexts, with ordinary attention: RoPE position interpolation ("linear",
+    // positions divided by rope_factor) or YaRN, both through ggml_rope_ext.
+    enum class rope_scaling { none, linear, yarn } scaling = rope_scaling::none;
+    float rope_factor = 1.0f;
 };
 
 // Longest sequence SelfExtend with (G, W) keeps within the trained context L: (L - W) * G + W.
@@ -68,6 +72,7 @@ private:
     std::atomic<bool> abort_{false};
     attention_path path_ = attention_path::fused;  // resolved from params_.path
     int32_t ring_size_ = 0;                         // neighbor-key ring rows (fused SelfExtend)
+    engine_rope_override rope_override_;
 
     void refill_ring(int32_t lo, int32_t hi);
 

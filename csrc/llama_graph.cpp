@@ -6,7 +6,7 @@ namespace pse {
 
 size_t llama_graph_max_nodes(const gguf_model & model) { return 256 + 64 * (size_t) model.hp.n_layer; }
 
-rope_params make_rope_params(const gguf_model & model) {
+rope_params make_rope_params(const gguf_model & model, const engine_rope_override * override) {
     const llama_hparams & hp = model.hp;
     rope_params rope;
     rope.n_rot = hp.n_rot;
@@ -15,6 +15,10 @@ rope_params make_rope_params(const gguf_model & model) {
     rope.freq_base = hp.rope_freq_base;
     rope.freq_scale = hp.rope_freq_scale;
     rope.freq_factors = model.rope_freqs;
+    if (override) {
+        rope.freq_scale *= override->freq_scale_mul;
+        rope.ext_factor = override->ext_factor;
+    }
     return rope;
 }
 
@@ -23,7 +27,7 @@ static ggml_tensor * add_bias(ggml_context * ctx, ggml_tensor * x, ggml_tensor *
 }
 
 ggml_cgraph * build_llama_graph(ggml_context * ctx, const gguf_model & model, kv_cache & cache,
-                                const attention_config & attn, int32_t n_past, int32_t n_tokens, int32_t n_outputs,
+                                const attention_config & attn, const engine_rope_override & rope_override, int32_t n_past, int32_t n_tokens, int32_t n_outputs,
                                 llama_graph_inputs & in) {
     const llama_hparams & hp = model.hp;
     ggml_cgraph * gf = ggml_new_graph_custom(ctx, llama_graph_max_nodes(model), false);
@@ -32,7 +36,7 @@ ggml_cgraph * build_llama_graph(ggml_context * ctx, const gguf_model & model, kv
     ggml_set_name(in.tokens, "inp_tokens");
     ggml_set_input(in.tokens);
 
-    const rope_params rope = make_rope_params(model);
+    const rope_params rope = make_rope_params(model, &rope_override);
     const float kq_scale = 1.0f / std::sqrt((float) hp.head_dim);
     attention_config cfg = attn;
     cfg.kq_scale = kq_scale;

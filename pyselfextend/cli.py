@@ -73,6 +73,11 @@ def _add_selfextend_args(p: argparse.ArgumentParser) -> None:
                    help="SelfExtend neighbor window in tokens (default: a quarter of the trained context)")
     p.add_argument("--no-selfextend", dest="selfextend", action="store_false",
                    help="ordinary attention at any --ctx (degrades past the trained context)")
+    p.add_argument("--rope-scaling", choices=["linear", "yarn"], default=None,
+                   help="baseline instead of SelfExtend: ordinary attention with RoPE position interpolation "
+                        "(linear) or YaRN")
+    p.add_argument("--rope-factor", type=float, default=None, metavar="F",
+                   help="RoPE scaling factor (default: --ctx / trained context)")
 
 
 def _add_generation_args(p: argparse.ArgumentParser) -> None:
@@ -111,7 +116,8 @@ def _open_model(args: argparse.Namespace, n_ctx: int, n_batch: int = 512):
     if not args.selfextend and (args.group_size is not None or args.window is not None):
         raise ValueError("--no-selfextend cannot be combined with --group-size/--window")
     llm = LocalModel(args.model, n_ctx=n_ctx, n_threads=args.threads, n_batch=n_batch, verbose=args.verbose,
-                     group_size=args.group_size, window=args.window, selfextend=args.selfextend)
+                     group_size=args.group_size, window=args.window, selfextend=args.selfextend,
+                     rope_scaling=args.rope_scaling, rope_factor=args.rope_factor)
     print(f"pyselfextend: {llm.plan.describe()}", file=sys.stderr)
     return llm
 
@@ -150,9 +156,13 @@ def cmd_info(args: argparse.Namespace) -> int:
     if args.ctx is not None:
         if not args.selfextend and (args.group_size is not None or args.window is not None):
             raise ValueError("--no-selfextend cannot be combined with --group-size/--window")
-        plan = plan_context(args.ctx, m.n_ctx_train, args.group_size, args.window, args.selfextend)
-        info.update({"n_ctx": args.ctx, "attention": "selfextend" if plan.group_size > 1 else "ordinary",
-                     "group_size": plan.group_size, "window": plan.window, "usable_length": plan.usable_length})
+        plan = plan_context(args.ctx, m.n_ctx_train, args.group_size, args.window, args.selfextend,
+                            args.rope_scaling, args.rope_factor)
+        method = ("selfextend" if plan.group_size > 1 else
+                  f"ordinary, {plan.rope_scaling} RoPE scaling x{plan.rope_factor:g}" if plan.rope_scaling != "none"
+                  else "ordinary")
+        info.update({"n_ctx": args.ctx, "attention": method, "group_size": plan.group_size, "window": plan.window,
+                     "usable_length": plan.usable_length})
     if args.json:
         print(json.dumps(info, indent=2))
     else:
@@ -188,6 +198,7 @@ def cmd_passkey(args: argparse.Namespace) -> int:
             raise ValueError(f"not a depth: {x!r} (use fractions such as 0.1,0.5,0.9)") from None
     results = run_passkey(str(models.resolve_model(args.model)), lengths, depths, args.trials, args.seed,
                           args.group_size, args.window, args.selfextend, args.threads,
+                          rope_scaling=args.rope_scaling, rope_factor=args.rope_factor,
                           log=lambda msg: print(msg, file=sys.stderr, flush=True))
     print(json.dumps(results, indent=2) if args.json else format_table(results))
     return 0

@@ -19,6 +19,8 @@ class ContextPlan:
     group_size: int      # G; 1 means ordinary attention
     window: int          # W; 0 when G == 1
     selfextend: bool     # False when the user turned SelfExtend off
+    rope_scaling: str = "none"  # baseline extension with ordinary attention: "linear" or "yarn"
+    rope_factor: float = 1.0
 
     @property
     def usable_length(self) -> Optional[int]:
@@ -28,6 +30,9 @@ class ContextPlan:
         return usable_length(self.n_ctx_train, self.group_size, self.window)
 
     def describe(self) -> str:
+        if self.rope_scaling != "none":
+            return (f"ordinary attention with {self.rope_scaling} RoPE scaling, factor {self.rope_factor:g}, "
+                    f"n_ctx={self.n_ctx} (trained context {self.n_ctx_train})")
         if not self.selfextend:
             past = " (past the trained context of %d: expect degraded output)" % self.n_ctx_train \
                 if self.n_ctx > self.n_ctx_train else ""
@@ -50,13 +55,26 @@ def _check_int(name: str, value: object) -> int:
 
 
 def plan_context(n_ctx: int, n_ctx_train: int, group_size: Optional[int] = None, window: Optional[int] = None,
-                 selfextend: bool = True) -> ContextPlan:
+                 selfextend: bool = True, rope_scaling: Optional[str] = None,
+                 rope_factor: Optional[float] = None) -> ContextPlan:
     """Picks (or checks) G and W so that SelfExtend covers ``n_ctx`` tokens.
 
     Raises ValueError naming the problem: G < 1, W outside [1, L), G/W given with SelfExtend off,
     or a (G, W) whose usable length is below ``n_ctx``.
     """
     L = n_ctx_train
+    if rope_scaling not in (None, "none"):
+        # The tuning-free RoPE baselines replace SelfExtend: ordinary attention, scaled positions.
+        if rope_scaling not in ("linear", "yarn"):
+            raise ValueError(f"rope_scaling must be 'linear' or 'yarn', got {rope_scaling!r}")
+        if group_size is not None or window is not None:
+            raise ValueError("group_size/window cannot be combined with rope_scaling")
+        factor = rope_factor if rope_factor is not None else max(1.0, n_ctx / L)
+        if not factor >= 1.0:
+            raise ValueError(f"rope_factor must be >= 1, got {factor}")
+        return ContextPlan(n_ctx, L, 1, 0, False, rope_scaling, float(factor))
+    if rope_factor is not None:
+        raise ValueError("rope_factor needs rope_scaling ('linear' or 'yarn')")
     if not selfextend:
         if group_size is not None or window is not None:
             raise ValueError("group_size/window cannot be combined with selfextend=False")

@@ -66,6 +66,10 @@ class LocalModel:
         group_size: SelfExtend G (default: the smallest that reaches ``n_ctx``).
         window: SelfExtend W, the neighbor window (default: a quarter of the trained context).
         selfextend: ``False`` for ordinary attention whatever ``n_ctx`` is.
+        rope_scaling: instead of SelfExtend, a tuning-free RoPE baseline with ordinary attention:
+            ``"linear"`` (position interpolation) or ``"yarn"``, by ``rope_factor`` (default
+            ``n_ctx`` / trained context).
+        rope_factor: see ``rope_scaling``.
         attention_path: how SelfExtend scores are computed: ``"auto"`` (the fused kernel on the CPU
             backend, standard ggml ops on any other), ``"fused"`` or ``"portable"``.
         verbose: print libllama/ggml log messages to stderr.
@@ -88,6 +92,8 @@ class LocalModel:
         window: Optional[int] = None,
         selfextend: bool = True,
         attention_path: str = "auto",
+        rope_scaling: Optional[str] = None,
+        rope_factor: Optional[float] = None,
         verbose: bool = False,
     ) -> None:
         for name, value in (("n_ctx", n_ctx), ("n_batch", n_batch)):
@@ -107,13 +113,14 @@ class LocalModel:
         self._model = _engine.Model(str(self.path))
         self._vocab = _engine.Vocab(str(self.path))
         #: How attention is set up for ``n_ctx``: SelfExtend's group size and window, usable length.
-        self.plan: ContextPlan = plan_context(int(n_ctx), self._model.n_ctx_train, group_size, window, selfextend)
+        self.plan: ContextPlan = plan_context(int(n_ctx), self._model.n_ctx_train, group_size, window, selfextend,
+                                              rope_scaling, rope_factor)
         self._engine = _engine.Engine(self._model, int(n_ctx), int(n_batch), int(n_threads), cache_type,
-                                      self.plan.group_size, self.plan.window,
-                                      attention_path)
+                                      self.plan.group_size, self.plan.window, attention_path,
+                                      self.plan.rope_scaling, self.plan.rope_factor)
         self.n_threads = int(n_threads)
         self.n_batch = int(n_batch)
-        if not selfextend and n_ctx > self._model.n_ctx_train:
+        if not selfextend and rope_scaling in (None, "none") and n_ctx > self._model.n_ctx_train:
             warnings.warn(
                 f"n_ctx={n_ctx} exceeds the model's trained context ({self._model.n_ctx_train}); "
                 "ordinary attention degrades past it", stacklevel=2)

@@ -30,7 +30,8 @@ def passkey_prompt(count_tokens: Callable[[str], int], n_tokens: int, depth: flo
 def run_passkey(model_path: str, lengths: List[int], depths: List[float], trials: int = 1, seed: int = 0,
                 group_size: Optional[int] = None, window: Optional[int] = None, selfextend: bool = True,
                 n_threads: Optional[int] = None, n_batch: int = 512,
-                log: Callable[[str], None] = lambda msg: None) -> List[Dict[str, object]]:
+                log: Callable[[str], None] = lambda msg: None, rope_scaling: Optional[str] = None,
+                rope_factor: Optional[float] = None) -> List[Dict[str, object]]:
     """Runs the passkey test: for each length, depth and trial a fresh random 5-digit key, greedy
     decoding of up to 16 tokens, and whether the answer's first number is the key."""
     from .model import LocalModel
@@ -40,7 +41,8 @@ def run_passkey(model_path: str, lengths: List[int], depths: List[float], trials
     answer_tokens = 16  # digits are single tokens in many vocabularies, and models often restate the question
     for length in lengths:
         llm = LocalModel(model_path, n_ctx=length + answer_tokens, n_threads=n_threads, n_batch=n_batch,
-                         group_size=group_size, window=window, selfextend=selfextend)
+                         group_size=group_size, window=window, selfextend=selfextend,
+                         rope_scaling=rope_scaling, rope_factor=rope_factor)
         log(f"passkey: length {length}: {llm.plan.describe()}")
         count = lambda text: len(llm.tokenize(text))
         for depth in depths:
@@ -54,10 +56,17 @@ def run_passkey(model_path: str, lengths: List[int], depths: List[float], trials
                 results.append({"length": len(ids[:length]), "target_length": length, "depth": depth, "trial": trial,
                                 "key": key, "answer": answer, "ok": ok,
                                 "seconds": round(time.perf_counter() - t, 2),
-                                "group_size": llm.plan.group_size, "window": llm.plan.window})
+                                "group_size": llm.plan.group_size, "window": llm.plan.window,
+                                "method": _method(llm.plan)})
                 log(f"passkey: length {length} depth {depth} trial {trial}: key {key} answer {answer!r} "
                     f"{'ok' if ok else 'MISSED'} ({results[-1]['seconds']} s)")
     return results
+
+
+def _method(plan) -> str:
+    if plan.rope_scaling != "none":
+        return f"rope-{plan.rope_scaling}"
+    return "selfextend" if plan.group_size > 1 else "ordinary"
 
 
 def format_table(results: List[Dict[str, object]]) -> str:
