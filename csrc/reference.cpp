@@ -9,9 +9,12 @@
 namespace pse {
 
 reference_model::reference_model(const std::string & path, int32_t n_ctx, int32_t n_batch, int32_t n_threads,
-                                 bool flash_attn)
-    : n_ctx_(n_ctx), n_batch_(n_batch) {
+                                 bool flash_attn, int32_t grp_attn_n)
+    : n_ctx_(n_ctx), n_batch_(n_batch), grp_n_(grp_attn_n) {
     if (n_ctx < 1 || n_batch < 1 || n_threads < 1) throw std::invalid_argument("n_ctx, n_batch and n_threads must be >= 1");
+    if (grp_attn_n < 1 || n_batch % grp_attn_n != 0) {
+        throw std::invalid_argument("grp_attn_n must be >= 1 and divide n_batch (" + std::to_string(n_batch) + ")");
+    }
     llama_backend_init();
     llama_model_params mp = llama_model_default_params();
     mp.n_gpu_layers = 0;
@@ -44,12 +47,17 @@ reference_model::~reference_model() {
 void reference_model::reset() {
     llama_memory_clear(llama_get_memory(ctx_), true);
     n_past_ = 0;
+    pos_ = 0;
+    full_batches_ = 0;
+    last_full_ = false;
 }
 
 void reference_model::truncate(int32_t n) {
     if (n < 0 || n > n_past_) throw std::invalid_argument("truncate: position out of range");
+    if (grp_n_ > 1 && n != n_past_) throw std::invalid_argument("truncate is not supported with group attention");
     llama_memory_seq_rm(llama_get_memory(ctx_), 0, n, -1);
     n_past_ = n;
+    pos_ = n;
 }
 
 std::vector<float> reference_model::eval(const std::vector<int32_t> & tokens, bool all_logits) {
@@ -63,10 +71,20 @@ std::vector<float> reference_model::eval(const std::vector<int32_t> & tokens, bo
     llama_batch batch = llama_batch_init(n_batch_, 0, 1);
     for (int32_t done = 0; done < n;) {
         const int32_t nb = std::min(n_batch_, n - done);
+        if (grp_n_ > 1 && last_full_ && n > 1) {  // prompt batches only, as llama.cpp's example
+            // Compress the previous (full) batch: shift it past the blocks compressed before it,
+            // then divide its positions by grp_n_, so it occupies n_batch / grp_n_ positions.
+            llama_memory_t mem = llama_get_memory(ctx_);
+            const int32_t ib = full_batches_ - 1;
+            const int32_t shift = ib * (n_batch_ / grp_n_) * (grp_n_ - 1);
+            llama_memory_seq_add(mem, 0, pos_ - n_batch_, pos_, shift);
+            llama_memory_seq_div(mem, 0, pos_ - n_batch_ + shift, pos_ + shift, grp_n_);
+            pos_ = llama_memory_seq_pos_max(mem, 0) + 1;
+        }
         batch.n_tokens = nb;
         for (int32_t i = 0; i < nb; ++i) {
             batch.token[i] = tokens[done + i];
-            batch.pos[i] = n_past_ + i;
+            batch.pos[i] = pos_ + i;
             batch.n_seq_id[i] = 1;
             batch.seq_id[i][0] = 0;
             batch.logits[i] = all_logits || (done + i == n - 1);
@@ -82,6 +100,9 @@ std::vector<float> reference_model::eval(const std::vector<int32_t> & tokens, bo
             std::memcpy(dst, l, sizeof(float) * n_vocab_);
         }
         n_past_ += nb;
+        pos_ += nb;
+        last_full_ = nb == n_batch_;
+        if (last_full_) ++full_batches_;
         done += nb;
     }
     llama_batch_free(batch);

@@ -80,6 +80,12 @@ def _add_selfextend_args(p: argparse.ArgumentParser) -> None:
                    help="RoPE scaling factor (default: --ctx / trained context)")
 
 
+def _add_baseline_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--grp-attn-n", type=_positive_int, default=None, metavar="N",
+                   help="baseline: llama.cpp's own group attention (libllama, its passkey example's scheme) "
+                        "with factor N instead of pyselfextend")
+
+
 def _add_generation_args(p: argparse.ArgumentParser) -> None:
     src = p.add_mutually_exclusive_group()
     src.add_argument("--prompt", "-p", metavar="TEXT", help="prompt text (default: read stdin)")
@@ -198,7 +204,7 @@ def cmd_passkey(args: argparse.Namespace) -> int:
             raise ValueError(f"not a depth: {x!r} (use fractions such as 0.1,0.5,0.9)") from None
     results = run_passkey(str(models.resolve_model(args.model)), lengths, depths, args.trials, args.seed,
                           args.group_size, args.window, args.selfextend, args.threads,
-                          rope_scaling=args.rope_scaling, rope_factor=args.rope_factor,
+                          rope_scaling=args.rope_scaling, rope_factor=args.rope_factor, grp_attn_n=args.grp_attn_n,
                           log=lambda msg: print(msg, file=sys.stderr, flush=True))
     print(json.dumps(results, indent=2) if args.json else format_table(results))
     return 0
@@ -210,13 +216,20 @@ def cmd_perplexity(args: argparse.Namespace) -> int:
 
     with open(args.file, encoding="utf-8") as f:
         text = f.read()
-    llm = _open_model(args, args.ctx, args.batch)
+    if args.grp_attn_n:
+        from .baselines import LlamaCppGroupAttention
+
+        llm = LlamaCppGroupAttention(models.resolve_model(args.model), args.ctx, args.grp_attn_n, args.threads,
+                                     args.batch)
+        llm.n_ctx_train = llm.plan.n_ctx_train
+        print(f"pyselfextend: {llm.plan.describe()}", file=sys.stderr)
+    else:
+        llm = _open_model(args, args.ctx, args.batch)
     ids = llm.tokenize(text)[: args.ctx]
     if len(ids) < args.ctx:
         print(f"pyselfextend: the document has {len(ids)} tokens, fewer than --ctx {args.ctx}", file=sys.stderr)
     summary = summarize(token_nll(llm, ids, progress=ProgressBar("perplexity")), args.bucket)
-    summary.update({"file": args.file, "n_ctx_train": llm.n_ctx_train, "group_size": llm.plan.group_size,
-                    "window": llm.plan.window, "selfextend": llm.plan.selfextend})
+    summary.update({"file": args.file, "n_ctx_train": llm.n_ctx_train, "method": llm.plan.describe()})
     if args.plot:
         plot({llm.plan.describe().split(":")[0]: summary}, llm.n_ctx_train, args.plot)
     if args.json:
@@ -271,6 +284,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--trials", type=_positive_int, default=1, metavar="N", help="trials per cell (default 1)")
     p.add_argument("--seed", type=int, default=0, metavar="S", help="seed for the keys (default 0)")
     _add_selfextend_args(p)
+    _add_baseline_args(p)
     p.add_argument("--json", action="store_true", help="print every trial as JSON")
     p.set_defaults(func=cmd_passkey)
 
@@ -284,6 +298,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch", type=_positive_int, default=512, metavar="N", help="batch size (default 512)")
     p.add_argument("--bucket", type=parse_size, default=2048, metavar="N", help="positions per bucket (default 2k)")
     _add_selfextend_args(p)
+    _add_baseline_args(p)
     p.add_argument("--plot", metavar="PNG", help="draw perplexity by position (needs matplotlib)")
     p.add_argument("--json", action="store_true", help="print JSON")
     p.set_defaults(func=cmd_perplexity)

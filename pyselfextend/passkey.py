@@ -31,7 +31,7 @@ def run_passkey(model_path: str, lengths: List[int], depths: List[float], trials
                 group_size: Optional[int] = None, window: Optional[int] = None, selfextend: bool = True,
                 n_threads: Optional[int] = None, n_batch: int = 512,
                 log: Callable[[str], None] = lambda msg: None, rope_scaling: Optional[str] = None,
-                rope_factor: Optional[float] = None) -> List[Dict[str, object]]:
+                rope_factor: Optional[float] = None, grp_attn_n: Optional[int] = None) -> List[Dict[str, object]]:
     """Runs the passkey test: for each length, depth and trial a fresh random 5-digit key, greedy
     decoding of up to 16 tokens, and whether the answer's first number is the key."""
     from .model import LocalModel
@@ -40,9 +40,14 @@ def run_passkey(model_path: str, lengths: List[int], depths: List[float], trials
     results: List[Dict[str, object]] = []
     answer_tokens = 16  # digits are single tokens in many vocabularies, and models often restate the question
     for length in lengths:
-        llm = LocalModel(model_path, n_ctx=length + answer_tokens, n_threads=n_threads, n_batch=n_batch,
-                         group_size=group_size, window=window, selfextend=selfextend,
-                         rope_scaling=rope_scaling, rope_factor=rope_factor)
+        if grp_attn_n:
+            from .baselines import LlamaCppGroupAttention
+
+            llm = LlamaCppGroupAttention(model_path, length + answer_tokens, grp_attn_n, n_threads, n_batch)
+        else:
+            llm = LocalModel(model_path, n_ctx=length + answer_tokens, n_threads=n_threads, n_batch=n_batch,
+                             group_size=group_size, window=window, selfextend=selfextend,
+                             rope_scaling=rope_scaling, rope_factor=rope_factor)
         log(f"passkey: length {length}: {llm.plan.describe()}")
         count = lambda text: len(llm.tokenize(text))
         for depth in depths:
@@ -64,6 +69,8 @@ def run_passkey(model_path: str, lengths: List[int], depths: List[float], trials
 
 
 def _method(plan) -> str:
+    if hasattr(plan, "grp_attn_n"):
+        return f"llama.cpp-grp-attn-{plan.grp_attn_n}"
     if plan.rope_scaling != "none":
         return f"rope-{plan.rope_scaling}"
     return "selfextend" if plan.group_size > 1 else "ordinary"

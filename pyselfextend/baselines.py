@@ -1,0 +1,69 @@
+"""llama.cpp's group attention (``--grp-attn-n``) as a long-context baseline, run by libllama itself.
+
+It is the scheme of llama.cpp's passkey example: the prompt goes in batches, and before each new
+batch the cached positions of the previous one are divided by n, so that only the current batch
+keeps exact positions. Unlike SelfExtend it has no fixed neighbor window. This class offers the
+subset of ``LocalModel`` that the evaluation commands use.
+"""
+from __future__ import annotations
+
+import codecs
+from dataclasses import dataclass
+from pathlib import Path
+from typing import List, Optional, Sequence
+
+import numpy as np
+
+from . import _engine
+from .model import _default_threads
+
+
+@dataclass(frozen=True)
+class GroupAttentionPlan:
+    n_ctx: int
+    n_ctx_train: int
+    grp_attn_n: int
+    group_size: int = 1
+    window: int = 0
+    rope_scaling: str = "none"
+
+    def describe(self) -> str:
+        return f"llama.cpp group attention (grp-attn-n {self.grp_attn_n}), n_ctx={self.n_ctx}"
+
+
+class LlamaCppGroupAttention:
+    """llama.cpp (flash attention on) with its group attention, behind a LocalModel-like interface."""
+
+    def __init__(self, path: Path, n_ctx: int, grp_attn_n: int, n_threads: Optional[int] = None,
+                 n_batch: int = 512) -> None:
+        if grp_attn_n < 1 or n_batch % grp_attn_n:
+            raise ValueError(f"grp_attn_n must be >= 1 and divide n_batch ({n_batch}), got {grp_attn_n}")
+        self.n_batch = n_batch
+        self._ref = _engine.Reference(str(path), n_ctx, n_batch, n_threads or _default_threads(), True, grp_attn_n)
+        self._vocab = _engine.Vocab(str(path))
+        self.plan = GroupAttentionPlan(n_ctx, _engine.Model(str(path)).n_ctx_train, grp_attn_n)
+
+    def tokenize(self, text: str, add_special: bool = True, parse_special: bool = True) -> List[int]:
+        return list(self._vocab.tokenize(text, add_special, parse_special))
+
+    def reset(self) -> None:
+        self._ref.reset()
+
+    def eval(self, ids: Sequence[int], all_logits: bool = False) -> np.ndarray:
+        return self._ref.eval(list(ids), all_logits)
+
+    def generate(self, ids: Sequence[int], max_tokens: int, temperature: float = 0.0) -> str:
+        """Greedy continuation of ``ids`` (the only decoding the evaluations use)."""
+        if temperature != 0:
+            raise ValueError("the group-attention baseline decodes greedily only")
+        self.reset()
+        logits = self.eval(ids)
+        decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+        text = ""
+        for _ in range(max_tokens):
+            token = int(np.argmax(logits))
+            if self._vocab.is_eog(token):
+                break
+            text += decoder.decode(bytes(self._vocab.token_to_piece(token, False)))
+            logits = self.eval([token])
+        return text + decoder.decode(b"", final=True)

@@ -1,0 +1,46 @@
+"""llama.cpp's group attention baseline, run through libllama."""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from pyselfextend import _engine
+from pyselfextend.baselines import LlamaCppGroupAttention
+
+
+def test_group_attention_divides_only_past_batches(tiny_model):
+    path = str(tiny_model())
+    ids = np.random.default_rng(2).integers(3, 320, size=200).tolist()
+    plain = _engine.Reference(path, 256, 64, 1, True)
+    grouped = _engine.Reference(path, 256, 64, 1, True, 4)
+    # within the first batch nothing is divided: identical
+    assert np.array_equal(grouped.eval(ids[:64], all_logits=True), plain.eval(ids[:64], all_logits=True))
+    # later batches see the earlier ones at divided positions: different
+    assert np.abs(grouped.eval(ids[64:]) - plain.eval(ids[64:])).max() > 1e-3
+    with pytest.raises(ValueError, match="divide n_batch"):
+        _engine.Reference(path, 256, 64, 1, True, 5)
+
+
+def test_group_attention_in_the_evaluation_commands(tiny_model, tmp_path):
+    llm = LlamaCppGroupAttention(tiny_model(), 512, 4, 1, 64)
+    assert "grp-attn-n 4" in llm.plan.describe()
+    ids = llm.tokenize("w1 w2 w3 " * 20)
+    assert len(ids) + 5 <= 512
+    text = llm.generate(ids, max_tokens=5)
+    assert isinstance(text, str)
+    doc = tmp_path / "doc.txt"
+    doc.write_text("w1 w2 w3 w4 w5 " * 200)
+    r = subprocess.run([sys.executable, "-m", "pyselfextend", "perplexity", "-m", str(tiny_model()), "-f", str(doc),
+                        "--ctx", "500", "--batch", "64", "--grp-attn-n", "4", "--json", "-t", "1"],
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    assert "group attention" in json.loads(r.stdout)["method"]
+    r = subprocess.run([sys.executable, "-m", "pyselfextend", "passkey", "-m", str(tiny_model()), "--lengths", "300",
+                        "--depths", "0.5", "--grp-attn-n", "4", "--json", "-t", "1"],
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    assert json.loads(r.stdout)[0]["method"] == "llama.cpp-grp-attn-4"
