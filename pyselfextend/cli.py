@@ -204,7 +204,7 @@ def cmd_passkey(args: argparse.Namespace) -> int:
             raise ValueError(f"not a depth: {x!r} (use fractions such as 0.1,0.5,0.9)") from None
     results = run_passkey(str(models.resolve_model(args.model)), lengths, depths, args.trials, args.seed,
                           args.group_size, args.window, args.selfextend, args.threads,
-                          rope_scaling=args.rope_scaling, rope_factor=args.rope_factor, grp_attn_n=args.grp_attn_n,
+                          rope_scaling=args.rope_scaling, rope_factor=args.rope_factor, grp_attn_n=args.grp_attn_n, show_progress=True,
                           log=lambda msg: print(msg, file=sys.stderr, flush=True))
     print(json.dumps(results, indent=2) if args.json else format_table(results))
     return 0

@@ -31,7 +31,8 @@ def run_passkey(model_path: str, lengths: List[int], depths: List[float], trials
                 group_size: Optional[int] = None, window: Optional[int] = None, selfextend: bool = True,
                 n_threads: Optional[int] = None, n_batch: int = 512,
                 log: Callable[[str], None] = lambda msg: None, rope_scaling: Optional[str] = None,
-                rope_factor: Optional[float] = None, grp_attn_n: Optional[int] = None) -> List[Dict[str, object]]:
+                rope_factor: Optional[float] = None, grp_attn_n: Optional[int] = None,
+                show_progress: bool = False) -> List[Dict[str, object]]:
     """Runs the passkey test: for each length, depth and trial a fresh random 5-digit key, greedy
     decoding of up to 16 tokens, and whether the answer's first number is the key."""
     from .model import LocalModel
@@ -55,7 +56,12 @@ def run_passkey(model_path: str, lengths: List[int], depths: List[float], trials
                 key = rng.randint(10000, 99999)
                 ids = llm.tokenize(passkey_prompt(count, length, depth, key))
                 t = time.perf_counter()
-                answer = llm.generate(ids[: length], max_tokens=answer_tokens, temperature=0)
+                kwargs = {}
+                if show_progress and isinstance(llm, LocalModel):
+                    from .progress import ProgressBar
+
+                    kwargs["progress"] = ProgressBar(f"passkey {length} @ {depth:g}")
+                answer = llm.generate(ids[: length], max_tokens=answer_tokens, temperature=0, **kwargs)
                 found = re.search(r"\d+", answer)
                 ok = bool(found) and found.group(0) == str(key)
                 results.append({"length": len(ids[:length]), "target_length": length, "depth": depth, "trial": trial,
