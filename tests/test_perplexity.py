@@ -42,3 +42,16 @@ def test_perplexity_command(tiny_model, tmp_path):
     s = json.loads(r.stdout)
     assert s["n_predicted"] == 599 and len(s["buckets"]) == 3 and s["method"].startswith("SelfExtend")
     assert all(b["ppl"] > 1.0 for b in s["buckets"])
+
+
+def test_plot_is_drawn(tiny_model, tmp_path):
+    pytest = __import__("pytest")
+    pytest.importorskip("matplotlib")
+    doc = tmp_path / "doc.txt"
+    doc.write_text("w1 w2 w3 w4 w5 " * 100)
+    png = tmp_path / "ppl.png"
+    r = subprocess.run([sys.executable, "-m", "pyselfextend", "perplexity", "-m", str(tiny_model()), "-f", str(doc),
+                        "--ctx", "300", "--bucket", "100", "--plot", str(png), "-t", "1"], capture_output=True, text=True,
+                       timeout=300)
+    assert r.returncode == 0, r.stderr
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 5000
