@@ -241,6 +241,22 @@ def cmd_perplexity(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_evaluate(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from .evaluate import METHODS, run_evaluation
+
+    methods = [m.strip() for m in args.methods.split(",")]
+    for m in methods:
+        if m not in METHODS:
+            raise ValueError(f"unknown method {m!r}; choose from {', '.join(METHODS)}")
+    run_evaluation(args.model, Path(args.out), [parse_size(x) for x in args.lengths.split(",")],
+                   [float(x) for x in args.depths.split(",")], args.ppl_ctx, args.bucket, args.bench_depths,
+                   args.threads, Path(args.document) if args.document else None, methods, bench=not args.no_bench)
+    print(f"results written to {args.out}/results.md", file=sys.stderr)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="pyselfextend", description=DESCRIPTION, epilog=EPILOG,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -302,6 +318,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--plot", metavar="PNG", help="draw perplexity by position (needs matplotlib)")
     p.add_argument("--json", action="store_true", help="print JSON")
     p.set_defaults(func=cmd_perplexity)
+
+    p = sub.add_parser("evaluate", help="the whole long-context evaluation and its results page",
+                       description=__import__("pyselfextend.evaluate", fromlist=["x"]).__doc__.split("``", 2)[2]
+                       .split(":", 1)[1].strip(), formatter_class=argparse.RawDescriptionHelpFormatter)
+    _add_model_args(p)
+    p.add_argument("--out", default="docs", metavar="DIR", help="where results.md, results.json and the plot go")
+    p.add_argument("--lengths", default="12k,16k,20k", metavar="LIST", help="passkey lengths (default 12k,16k,20k)")
+    p.add_argument("--depths", default="0.1,0.5,0.9", metavar="LIST", help="passkey depths (default 0.1,0.5,0.9)")
+    p.add_argument("--ppl-ctx", type=parse_size, default=16384, metavar="N", help="perplexity tokens (default 16k)")
+    p.add_argument("--bucket", type=parse_size, default=2048, metavar="N", help="perplexity bucket (default 2k)")
+    p.add_argument("--bench-depths", default="0,4k,8k,16k", metavar="LIST", help="bench depths")
+    p.add_argument("--document", metavar="FILE", help="perplexity document (default: GNU Coding Standards)")
+    p.add_argument("--methods", default="SelfExtend,ordinary,llama.cpp grp-attn 4,YaRN", metavar="LIST",
+                   help="methods to compare (default: all four)")
+    p.add_argument("--no-bench", action="store_true", help="skip the speed/memory benchmark")
+    p.set_defaults(func=cmd_evaluate)
 
     p = sub.add_parser("bench", help="prefill/decode speed and peak memory against llama.cpp, in one run",
                        description="Prefill and decode speed and peak memory of pyselfextend against llama.cpp, in one run.\n\n"
