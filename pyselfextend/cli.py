@@ -252,7 +252,8 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
             raise ValueError(f"unknown method {m!r}; choose from {', '.join(METHODS)}")
     run_evaluation(args.model, Path(args.out), [parse_size(x) for x in args.lengths.split(",")],
                    [float(x) for x in args.depths.split(",")], args.ppl_ctx, args.bucket, args.bench_depths,
-                   args.threads, Path(args.document) if args.document else None, methods, bench=not args.no_bench)
+                   args.threads, Path(args.document) if args.document else None, methods, bench=not args.no_bench,
+                   baseline_lengths=[parse_size(x) for x in args.baseline_lengths.split(",")])
     print(f"results written to {args.out}/results.md", file=sys.stderr)
     return 0
 
@@ -324,7 +325,10 @@ def build_parser() -> argparse.ArgumentParser:
                        .split(":", 1)[1].strip(), formatter_class=argparse.RawDescriptionHelpFormatter)
     _add_model_args(p)
     p.add_argument("--out", default="docs", metavar="DIR", help="where results.md, results.json and the plot go")
-    p.add_argument("--lengths", default="12k,16k,20k", metavar="LIST", help="passkey lengths (default 12k,16k,20k)")
+    p.add_argument("--lengths", default="12k,16k,20k", metavar="LIST",
+                   help="passkey lengths for SelfExtend (default 12k,16k,20k)")
+    p.add_argument("--baseline-lengths", default="12k,16k", metavar="LIST",
+                   help="passkey lengths for the baselines (default 12k,16k)")
     p.add_argument("--depths", default="0.1,0.5,0.9", metavar="LIST", help="passkey depths (default 0.1,0.5,0.9)")
     p.add_argument("--ppl-ctx", type=parse_size, default=16384, metavar="N", help="perplexity tokens (default 16k)")
     p.add_argument("--bucket", type=parse_size, default=2048, metavar="N", help="perplexity bucket (default 2k)")

@@ -33,7 +33,11 @@ def fetch_gnu_standards(dest: Path) -> Path:
         return dest
     with tempfile.TemporaryDirectory() as tmp:
         try:
-            subprocess.run(["apt-get", "download", GNU_STANDARDS_DEB], cwd=tmp, check=True, capture_output=True)
+            download = ["apt-get", "download", GNU_STANDARDS_DEB]
+            if subprocess.run(download, cwd=tmp, capture_output=True).returncode != 0:
+                # A fresh machine may have no package lists yet; fetch them once and retry.
+                subprocess.run(["apt-get", "update"], check=True, capture_output=True)
+                subprocess.run(download, cwd=tmp, check=True, capture_output=True)
             deb = next(Path(tmp).glob("*.deb"))
             subprocess.run(["dpkg-deb", "-x", str(deb), tmp + "/x"], check=True, capture_output=True)
         except (OSError, subprocess.CalledProcessError, StopIteration) as e:
@@ -71,9 +75,34 @@ def _open(path: str, n_ctx: int, threads: Optional[int], method: Dict[str, objec
         return LocalModel(path, n_ctx=n_ctx, n_threads=threads, **method)
 
 
+BENCH_REPETITIONS = 2  # median of two: the bench fills each engine's cache to the deepest depth once
+
+
+def describe_machine() -> str:
+    """CPU model, core count and memory, for the results page."""
+    import os
+
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+        mem_kb = next(int(l.split()[1]) for l in Path("/proc/meminfo").read_text().splitlines()
+                      if l.startswith("MemTotal"))
+        return f"{cpu}, {os.cpu_count()} cores, {mem_kb / 2**20:.0f} GiB, {platform.system()} {platform.machine()}"
+    except (OSError, StopIteration, ValueError):
+        return f"{cpu}, {os.cpu_count()} cores, {platform.system()} {platform.machine()}"
+
+
 def run_evaluation(model: str, out: Path, lengths: List[int], depths: List[float], ppl_ctx: int, bucket: int,
                    bench_depths: str, threads: Optional[int], document: Optional[Path],
-                   methods: List[str], bench: bool = True) -> Dict[str, object]:
+                   methods: List[str], bench: bool = True,
+                   baseline_lengths: Optional[List[int]] = None) -> Dict[str, object]:
+    """Runs everything and writes results.json (after every step), perplexity.png and results.md.
+
+    Passkey runs SelfExtend at ``lengths`` and the baselines at ``baseline_lengths`` (default: the
+    same), all with the same seed, hence the same keys and prompts at a given length and depth."""
     from .models import resolve_model
     from .passkey import run_passkey
     from .perplexity import plot, summarize, token_nll
@@ -84,18 +113,20 @@ def run_evaluation(model: str, out: Path, lengths: List[int], depths: List[float
     out.mkdir(parents=True, exist_ok=True)
     started = time.time()
     report: Dict[str, object] = {"model": path, "date": time.strftime("%Y-%m-%d"), "threads": threads,
-                                 "machine": f"{platform.machine()}, {platform.processor() or 'cpu'}",
+                                 "machine": describe_machine(),
+                                 "command": "pyselfextend " + " ".join(sys.argv[1:]) if sys.argv[1:] else None,
                                  "passkey": {}, "perplexity": {}}
     for name in methods:
         spec = METHODS[name]
         kwargs = {k: v for k, v in spec.items()}
-        results = run_passkey(path, lengths, depths, trials=1, seed=0, n_threads=threads, log=log,
+        at = lengths if name == "SelfExtend" or baseline_lengths is None else baseline_lengths
+        results = run_passkey(path, at, depths, trials=1, seed=0, n_threads=threads, log=log,
                               selfextend=kwargs.get("selfextend", True), rope_scaling=kwargs.get("rope_scaling"),
                               grp_attn_n=kwargs.get("grp_attn_n"), show_progress=True)
         report["passkey"][name] = results
         (out / "results.json").write_text(json.dumps(report, indent=2))
 
-    doc = document or fetch_gnu_standards(out / "gnu-standards.txt")
+    doc = document or fetch_gnu_standards(Path.home() / ".cache" / "pyselfextend" / "documents" / "gnu-standards.txt")
     text = Path(doc).read_text(encoding="utf-8")
     report["document"] = str(doc) if document else "GNU Coding Standards, Debian package gnu-standards"
     for name in methods:
@@ -108,7 +139,8 @@ def run_evaluation(model: str, out: Path, lengths: List[int], depths: List[float
     plot(report["perplexity"], int(report["n_ctx_train"]), str(out / "perplexity.png"))
 
     if bench:
-        cmd = [sys.executable, "-m", "pyselfextend", "bench", "--model", path, "--depths", bench_depths, "--json"]
+        cmd = [sys.executable, "-m", "pyselfextend", "bench", "--model", path, "--depths", bench_depths, "--json",
+               "--repetitions", str(BENCH_REPETITIONS)]
         if threads:
             cmd += ["--threads", str(threads)]
         report["bench"] = json.loads(subprocess.run(cmd, check=True, stdout=subprocess.PIPE, text=True).stdout)

@@ -64,16 +64,20 @@ def test_evaluate_writes_the_results_page(tiny_model, tmp_path):
     doc.write_text("w1 w2 w3 w4 w5 " * 200)
     out = tmp_path / "out"
     r = subprocess.run([sys.executable, "-m", "pyselfextend", "evaluate", "-m", str(tiny_model()), "--out", str(out),
-                        "--lengths", "200,400", "--depths", "0.5", "--ppl-ctx", "500", "--bucket", "128",
+                        "--lengths", "200,400", "--baseline-lengths", "200", "--depths", "0.5", "--ppl-ctx", "500", "--bucket", "128",
                         "--document", str(doc), "--bench-depths", "0", "-t", "1"],
                        capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stderr
     report = json.loads((out / "results.json").read_text())
     assert set(report["passkey"]) == {"SelfExtend", "ordinary", "llama.cpp grp-attn 4", "YaRN"}
-    assert all(len(v) == 2 for v in report["passkey"].values())
+    assert len(report["passkey"]["SelfExtend"]) == 2
+    for name, trials in report["passkey"].items():  # the baselines see the same prompts at the shorter length
+        assert trials[0]["key"] == report["passkey"]["SelfExtend"][0]["key"]
+        assert len(trials) == (2 if name == "SelfExtend" else 1)
     assert all(p["n_predicted"] == 499 for p in report["perplexity"].values())
     assert set(report["bench"]["engines"]) == {"selfextend", "ordinary", "llama.cpp-fa", "llama.cpp"}
     page = (out / "results.md").read_text()
     for name in report["passkey"]:
         assert f"**{name}**" in page
+    assert "Intel" in page or "AMD" in page or "cores" in page  # the machine is named
     assert "perplexity.png" in page and (out / "perplexity.png").exists() and "Peak RSS" in page
