@@ -39,6 +39,7 @@ def fetch_gnu_standards(dest: Path) -> Path:
                 subprocess.run(["apt-get", "update"], check=True, capture_output=True)
                 subprocess.run(download, cwd=tmp, check=True, capture_output=True)
             deb = next(Path(tmp).glob("*.deb"))
+            version = deb.name.split("_")[1] if deb.name.count("_") >= 2 else "unknown version"
             subprocess.run(["dpkg-deb", "-x", str(deb), tmp + "/x"], check=True, capture_output=True)
         except (OSError, subprocess.CalledProcessError, StopIteration) as e:
             raise RuntimeError("cannot fetch Debian's gnu-standards package (needs apt-get and dpkg-deb); "
@@ -48,7 +49,16 @@ def fetch_gnu_standards(dest: Path) -> Path:
     text = "\n".join(l for l in raw.split("\n") if not l.startswith("File: ") and "\x1f" not in l)
     dest.parent.mkdir(parents=True, exist_ok=True)
     dest.write_text(text, encoding="utf-8")
+    dest.with_suffix(".version").write_text(version + "\n")
     return dest
+
+
+def describe_gnu_standards(path: Path) -> str:
+    version_file = path.with_suffix(".version")
+    version = version_file.read_text().strip() if version_file.exists() else "unknown version"
+    return (f"the GNU Coding Standards (`standards.info`, English prose) from Debian's `{GNU_STANDARDS_DEB}` package "
+            f"{version}, fetched by `apt-get download {GNU_STANDARDS_DEB}` and unpacked by `pyselfextend evaluate` "
+            f"into `{str(path).replace(str(Path.home()), '~')}` (Info navigation lines dropped)")
 
 
 METHODS = {
@@ -128,7 +138,8 @@ def run_evaluation(model: str, out: Path, lengths: List[int], depths: List[float
 
     doc = document or fetch_gnu_standards(Path.home() / ".cache" / "pyselfextend" / "documents" / "gnu-standards.txt")
     text = Path(doc).read_text(encoding="utf-8")
-    report["document"] = str(doc) if document else "GNU Coding Standards, Debian package gnu-standards"
+    report["document"] = str(doc) if document else describe_gnu_standards(doc)
+    report["document_path"] = str(doc).replace(str(Path.home()), "~")
     for name in methods:
         llm = _open(path, ppl_ctx, threads, METHODS[name])
         ids = llm.tokenize(text)[:ppl_ctx]
@@ -150,49 +161,179 @@ def run_evaluation(model: str, out: Path, lengths: List[int], depths: List[float
     return report
 
 
+# The same runs as single commands, for the page (each method's flags on passkey and perplexity).
+METHOD_FLAGS = {
+    "SelfExtend": "",
+    "ordinary": " --no-selfextend",
+    "llama.cpp grp-attn 4": " --grp-attn-n 4",
+    "YaRN": " --rope-scaling yarn",
+}
+
+
+def _size(n: int) -> str:
+    return f"{n // 1024}k" if n % 1024 == 0 and n else str(n)
+
+
+def _passkey_cell(trial: Dict[str, object]) -> str:
+    if trial["ok"]:
+        return "found"
+    answer = " ".join(str(trial["answer"]).split())[:24].replace("|", "/").replace("`", "'")
+    return f"missed: `{answer}`"
+
+
+def _passkey_section(r: Dict[str, object], L: int, threads: str) -> List[str]:
+    passkey: Dict[str, List[Dict[str, object]]] = r["passkey"]
+    if not passkey:
+        return []
+    depths = sorted({float(t["depth"]) for ts in passkey.values() for t in ts})
+    lines = ["## Passkey retrieval", "",
+             "A random 5-digit key is hidden at a given depth of filler text (llama.cpp's passkey wording), "
+             "then asked for; the model answers by greedy decoding (16 tokens) and a trial counts as found "
+             "when the first number of the answer is the key. Keys come from seed 0, so every method sees "
+             "the very same prompt at a given length and depth. One trial per cell.", "",
+             "| method | tokens | settings | " + " | ".join(f"depth {d:g}" for d in depths) + " | found |",
+             "| --- | --- | --- |" + " --- |" * (len(depths) + 1)]
+    for name, trials in passkey.items():
+        for n in sorted({int(t["target_length"]) for t in trials}):
+            row = [t for t in trials if t["target_length"] == n]
+            first = row[0]
+            settings = (f"G={first['group_size']}, W={first['window']}" if first.get("method") == "selfextend"
+                        else str(first.get("method", "")))
+            cells = []
+            for d in depths:
+                ts = [t for t in row if float(t["depth"]) == d]
+                cells.append("; ".join(_passkey_cell(t) for t in ts) or "")
+            lines.append(f"| {name} | {row[0]['length']} | {settings} | " + " | ".join(cells)
+                         + f" | {sum(bool(t['ok']) for t in row)}/{len(row)} |")
+    lines += ["", "Seconds per trial (prompt processing plus answer): " + "; ".join(
+        f"{name} {min(t['seconds'] for t in ts):.0f}-{max(t['seconds'] for t in ts):.0f} s"
+        for name, ts in passkey.items()) + ".", "", "The same runs one method at a time:", "", "```"]
+    for name, trials in passkey.items():
+        lengths = ",".join(_size(n) for n in sorted({int(t["target_length"]) for t in trials}))
+        lines.append(f"pyselfextend passkey --lengths {lengths} --depths {','.join(f'{d:g}' for d in depths)} "
+                     f"--seed 0{METHOD_FLAGS.get(name, '')}{threads}")
+    return lines + ["```", ""]
+
+
+def _perplexity_goal(r: Dict[str, object], L: int) -> Dict[str, Dict[str, float]]:
+    """For each method: mean perplexity of the buckets in (L/2, L] and the worst ratio past L."""
+    goal = {}
+    for n, summary in r.get("perplexity", {}).items():
+        bs = summary["buckets"]
+        ref = [b for b in bs if b["end"] <= L and b["start"] > L // 2]
+        past = [b for b in bs if b["start"] > L]
+        if ref and past:
+            base = sum(b["ppl"] for b in ref) / len(ref)
+            goal[n] = {"base": base, "worst": max(b["ppl"] / base for b in past),
+                       "mean": sum(b["ppl"] for b in past) / len(past) / base}
+    return goal
+
+
+def _perplexity_section(r: Dict[str, object], L: int, threads: str) -> List[str]:
+    ppl = r.get("perplexity", {})
+    if not ppl:
+        return []
+    names = list(ppl)
+    n_tokens = ppl[names[0]]["n_predicted"] + 1
+    lines = ["## Perplexity by position", "",
+             f"One document of {n_tokens} tokens evaluated as a single sequence (batches of 512 tokens, "
+             f"each token predicted from every token before it); perplexity per bucket of positions. "
+             f"Document: {r.get('document')}.", "", "![perplexity by position](perplexity.png)", "",
+             "| tokens | " + " | ".join(names) + " |", "| --- |" + " --- |" * len(names)]
+    for i, b in enumerate(ppl[names[0]]["buckets"]):
+        cells = [f"{ppl[n]['buckets'][i]['ppl']:.2f}" if i < len(ppl[n]["buckets"]) else "" for n in names]
+        lines.append(f"| {b['start']}-{b['end']} | " + " | ".join(cells) + " |")
+    lines.append("| all | " + " | ".join(f"{ppl[n]['ppl']:.2f}" for n in names) + " |")
+    lines.append("")
+    for n, g in _perplexity_goal(r, L).items():
+        lines.append(f"- {n}: past {L} tokens the buckets average {g['mean']:.2f}x, and the worst is "
+                     f"{g['worst']:.2f}x, the {L // 2}-{L} mean ({g['base']:.2f}); "
+                     f"{'within' if g['worst'] <= 1.10 else 'outside'} the 10% goal.")
+    ctx = _size(n_tokens) if n_tokens in (16384, 8192, 32768) else str(n_tokens)
+    lines += ["", "The same runs one method at a time (`--plot out.png` draws the curve):", "", "```"]
+    for n in names:
+        lines.append(f"pyselfextend perplexity -f {r.get('document_path', 'DOCUMENT')} --ctx {ctx} "
+                     f"--bucket {_size(ppl[n]['buckets'][0]['n'])}{METHOD_FLAGS.get(n, '')}{threads}")
+    return lines + ["```", ""]
+
+
+def _bench_section(r: Dict[str, object], threads: str) -> List[str]:
+    if "bench" not in r:
+        return []
+    b = r["bench"]
+    engines = b["engines"]
+    depths = list(next(iter(engines.values()))["depths"])
+    lines = ["## Speed and memory against llama.cpp", "",
+             f"Tokens/s, prefill / decode: prefill is one batch of {b['n_prompt']} tokens after DEPTH cached "
+             f"tokens, decode is {b['n_gen']} tokens one at a time after them; median of {b['repetitions']}. "
+             "Every engine runs the same model file, thread count and tokens, in its own process. "
+             "`selfextend` is pyselfextend as a user gets it for that context (SelfExtend "
+             + ", ".join(f"G={e['group_size']}, W={e['window']}" for e in engines.values()
+                         if e.get("group_size", 1) > 1)
+             + "), `ordinary` is pyselfextend with SelfExtend off, `llama.cpp-fa` and `llama.cpp` are libllama "
+             "from the pinned source with flash attention on and off.", "",
+             "| depth | " + " | ".join(engines) + " | selfextend / better llama.cpp |",
+             "| --- |" + " --- |" * (len(engines) + 1)]
+    for d in depths:
+        ratio = b.get("ratios", {}).get(d, {})
+        rcell = (f"{ratio['prefill_vs_best_llama.cpp']:.2f}x / {ratio['decode_vs_best_llama.cpp']:.2f}x"
+                 if "prefill_vs_best_llama.cpp" in ratio else "")
+        lines.append(f"| {d} | " + " | ".join(f"{e['depths'][d]['prefill']:.1f} / {e['depths'][d]['decode']:.1f}"
+                                              for e in engines.values()) + f" | {rcell} |")
+    lines += ["", "Peak resident memory (RSS): " + ", ".join(
+        f"{k} {v['peak_rss_bytes'] / 2**20:.0f} MiB" for k, v in engines.items()) + ".", "",
+        "The same run alone:", "", "```",
+        f"pyselfextend bench --depths {','.join(_size(int(d)) if int(d) else '0' for d in depths)} "
+        f"--repetitions {b['repetitions']}{threads}", "```", ""]
+    return lines
+
+
+def _summary(r: Dict[str, object], L: int) -> List[str]:
+    lines = ["## Summary", ""]
+    se = r["passkey"].get("SelfExtend")
+    if se:
+        per, all_found = [], []
+        for n in sorted({int(t["target_length"]) for t in se}):
+            row = [t for t in se if t["target_length"] == n]
+            found = sum(bool(t["ok"]) for t in row)
+            per.append(f"{found}/{len(row)} at {row[0]['length']}")
+            if found == len(row):
+                all_found.append(int(row[0]["length"]))
+        lines.append(f"- Passkey, SelfExtend: found {', '.join(per)} tokens. "
+                     + (f"Every trial was found at {', '.join(map(str, all_found))} tokens (up to "
+                        f"{max(all_found) / L:.1f}x the trained context)." if all_found
+                        else "No length had every trial found."))
+        for name, ts in r["passkey"].items():
+            if name != "SelfExtend":
+                lines.append(f"- Passkey, {name} on the same prompts: found {sum(bool(t['ok']) for t in ts)}"
+                             f"/{len(ts)}.")
+    for n, g in _perplexity_goal(r, L).items():
+        lines.append(f"- Perplexity, {n}: worst bucket past {L} tokens {g['worst']:.2f}x the {L // 2}-{L} "
+                     f"level ({'meets' if g['worst'] <= 1.10 else 'misses'} the within-10% goal).")
+    b = r.get("bench")
+    if b and b.get("ratios"):
+        deepest = max((d for d in b["ratios"] if d.isdigit()), key=int, default=None)
+        if deepest is not None:
+            q = b["ratios"][deepest]
+            rss = next((v for k, v in b["ratios"].items() if k.startswith("peak_rss")), None)
+            lines.append(f"- Speed at depth {deepest}: SelfExtend prefill {q['prefill_vs_best_llama.cpp']:.2f}x and "
+                         f"decode {q['decode_vs_best_llama.cpp']:.2f}x the better llama.cpp (flash attention on or "
+                         f"off)" + (f"; peak memory {rss:.2f}x llama.cpp's with flash attention." if rss else "."))
+    return lines + [""]
+
+
 def render_markdown(r: Dict[str, object]) -> str:
     """The results page: every number comes from ``r`` (results.json)."""
-    from .passkey import format_table
-
     L = int(r.get("n_ctx_train", 0))
+    threads = f" --threads {r['threads']}" if r.get("threads") else ""
     lines = [f"# Long-context results: {Path(str(r['model'])).name}", "",
-             f"Measured {r['date']} on {r['machine']}, {r.get('threads') or 'all'} threads, by "
-             f"`pyselfextend evaluate` ({r.get('minutes', '?')} minutes). Trained context: {L} tokens.", "",
-             "## Passkey retrieval (correct / trials, greedy decoding)", ""]
-    for name, results in r["passkey"].items():
-        lines += [f"**{name}**", "", "```", format_table(results), "```", ""]
-    lines += ["## Perplexity by position", "", f"Document: {r.get('document')}.", "",
-              "![perplexity by position](perplexity.png)", ""]
-    names = list(r["perplexity"])
-    if names:
-        buckets = r["perplexity"][names[0]]["buckets"]
-        lines.append("| tokens | " + " | ".join(names) + " |")
-        lines.append("| --- |" + " --- |" * len(names))
-        for i, b in enumerate(buckets):
-            cells = [f"{r['perplexity'][n]['buckets'][i]['ppl']:.2f}" if i < len(r['perplexity'][n]['buckets'])
-                     else "" for n in names]
-            lines.append(f"| {b['start']}-{b['end']} | " + " | ".join(cells) + " |")
-        lines.append("")
-        # the goal: buckets past L within 10% of the bucket just before L
-        for n in names:
-            bs = r["perplexity"][n]["buckets"]
-            ref = [b for b in bs if b["end"] <= L and b["start"] > L // 2]
-            past = [b for b in bs if b["start"] > L]
-            if ref and past:
-                base = sum(b["ppl"] for b in ref) / len(ref)
-                worst = max(b["ppl"] / base for b in past)
-                lines.append(f"- {n}: worst bucket past {L} is {worst:.2f}x the mean of the {L // 2}-{L} buckets "
-                             f"({'within' if worst <= 1.10 else 'outside'} the 10% goal).")
-        lines.append("")
-    if "bench" in r:
-        b = r["bench"]
-        lines += ["## Speed and memory against llama.cpp", "", "Tokens/s, prefill / decode:", "",
-                  "| depth | " + " | ".join(b["engines"]) + " |", "| --- |" + " --- |" * len(b["engines"])]
-        depths = list(next(iter(b["engines"].values()))["depths"])
-        for d in depths:
-            lines.append(f"| {d} | " + " | ".join(f"{e['depths'][d]['prefill']:.1f} / {e['depths'][d]['decode']:.1f}"
-                                                  for e in b["engines"].values()) + " |")
-        lines += ["", "Peak RSS: " + ", ".join(f"{k} {v['peak_rss_bytes'] / 2**20:.0f} MiB"
-                                              for k, v in b["engines"].items()) + ".", ""]
-    lines += ["Reproduce: `pyselfextend evaluate --out docs/` (see `pyselfextend evaluate --help`).", ""]
+             f"Measured on {r['date']} on {r['machine']}, {r.get('threads') or 'all'} threads, in "
+             f"{r.get('minutes', '?')} minutes, by one command:", "", "```",
+             r.get("command") or "pyselfextend evaluate --out docs", "```", "",
+             f"The model's trained context is {L} tokens. Every number on this page comes from that run and is "
+             "in `results.json` beside it; the page itself is written by the command.", ""]
+    lines += _summary(r, L)
+    lines += _passkey_section(r, L, threads)
+    lines += _perplexity_section(r, L, threads)
+    lines += _bench_section(r, threads)
     return "\n".join(lines)

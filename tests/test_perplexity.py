@@ -77,7 +77,8 @@ def test_evaluate_writes_the_results_page(tiny_model, tmp_path):
     assert all(p["n_predicted"] == 499 for p in report["perplexity"].values())
     assert set(report["bench"]["engines"]) == {"selfextend", "ordinary", "llama.cpp-fa", "llama.cpp"}
     page = (out / "results.md").read_text()
-    for name in report["passkey"]:
-        assert f"**{name}**" in page
+    for name in report["passkey"]:  # a passkey row, a perplexity column and a summary line for each method
+        assert f"| {name} | " in page and f"Passkey, {name}" in page
+    assert "pyselfextend passkey --lengths 200 --depths 0.5 --seed 0 --no-selfextend --threads 1" in page
     assert "Intel" in page or "AMD" in page or "cores" in page  # the machine is named
-    assert "perplexity.png" in page and (out / "perplexity.png").exists() and "Peak RSS" in page
+    assert "perplexity.png" in page and (out / "perplexity.png").exists() and "Peak resident memory" in page
