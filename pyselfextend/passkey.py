@@ -2,6 +2,7 @@
 wording): a random number hidden at some depth of repetitive filler text, then asked for."""
 from __future__ import annotations
 
+import math
 import random
 import re
 import time
@@ -15,16 +16,26 @@ QUESTION = " What is the pass key? The pass key is"
 
 
 def passkey_prompt(count_tokens: Callable[[str], int], n_tokens: int, depth: float, key: int) -> str:
-    """A prompt of about ``n_tokens`` tokens (as counted by ``count_tokens``) with ``key`` placed
-    after a fraction ``depth`` of the filler."""
+    """A prompt of at most ``n_tokens`` tokens (as counted by ``count_tokens``), and within one filler
+    sentence of it, with ``key`` placed after a fraction ``depth`` of the filler. The prompt always
+    ends with the whole question: it is never cut to fit."""
     if not 0.0 <= depth <= 1.0:
         raise ValueError(f"depth must be in [0, 1], got {depth}")
+
+    def build(n_fill: int) -> str:
+        before = round(n_fill * depth)
+        return "".join([INTRO, FILLER * before, KEY_LINE.format(key=key), FILLER * (n_fill - before), QUESTION])
+
     fixed = count_tokens(INTRO + KEY_LINE.format(key=key) + QUESTION)
     per_filler = count_tokens(FILLER * 64) / 64
     n_fill = max(1, round((n_tokens - fixed) / per_filler))
-    before = round(n_fill * depth)
-    parts: List[str] = [INTRO, FILLER * before, KEY_LINE.format(key=key), FILLER * (n_fill - before), QUESTION]
-    return "".join(parts)
+    prompt = build(n_fill)
+    # Tokens merge differently at the joins, so the estimate can overshoot by a few tokens: drop
+    # filler until the prompt fits.
+    while n_fill > 1 and (excess := count_tokens(prompt) - n_tokens) > 0:
+        n_fill = max(1, n_fill - max(1, math.ceil(excess / per_filler)))
+        prompt = build(n_fill)
+    return prompt
 
 
 def run_passkey(model_path: str, lengths: List[int], depths: List[float], trials: int = 1, seed: int = 0,
@@ -55,16 +66,18 @@ def run_passkey(model_path: str, lengths: List[int], depths: List[float], trials
             for trial in range(trials):
                 key = rng.randint(10000, 99999)
                 ids = llm.tokenize(passkey_prompt(count, length, depth, key))
+                if len(ids) > length:
+                    raise ValueError(f"the shortest passkey prompt is {len(ids)} tokens, longer than {length}")
                 t = time.perf_counter()
                 kwargs = {}
                 if show_progress and isinstance(llm, LocalModel):
                     from .progress import ProgressBar
 
                     kwargs["progress"] = ProgressBar(f"passkey {length} @ {depth:g}")
-                answer = llm.generate(ids[: length], max_tokens=answer_tokens, temperature=0, **kwargs)
+                answer = llm.generate(ids, max_tokens=answer_tokens, temperature=0, **kwargs)
                 found = re.search(r"\d+", answer)
                 ok = bool(found) and found.group(0) == str(key)
-                results.append({"length": len(ids[:length]), "target_length": length, "depth": depth, "trial": trial,
+                results.append({"length": len(ids), "target_length": length, "depth": depth, "trial": trial,
                                 "key": key, "answer": answer, "ok": ok,
                                 "seconds": round(time.perf_counter() - t, 2),
                                 "group_size": llm.plan.group_size, "window": llm.plan.window,

@@ -13,12 +13,24 @@ def words(text: str) -> int:
 @pytest.mark.parametrize("depth", [0.0, 0.1, 0.5, 0.9, 1.0])
 def test_length_and_depth(depth):
     prompt = passkey_prompt(words, 5000, depth, 12345)
-    assert abs(words(prompt) - 5000) <= words(FILLER)
+    assert 5000 - words(FILLER) <= words(prompt) <= 5000
     assert prompt.endswith(QUESTION)
     key_at = prompt.index(KEY_LINE.format(key=12345))
     fillers_before = prompt[:key_at].count(FILLER)
     total = prompt.count(FILLER)
     assert abs(fillers_before - depth * total) <= 1
+
+
+def test_never_longer_than_asked_when_the_estimate_overshoots():
+    # A counter whose joins cost more than the parts suggest: the first estimate overshoots, and the
+    # prompt must shrink its filler rather than lose the end of the question.
+    def joins_cost_extra(text: str) -> int:
+        return words(text) + text.count(". The") // 3
+
+    for n in (700, 5000, 20000):
+        prompt = passkey_prompt(joins_cost_extra, n, 0.9, 54321)
+        assert prompt.endswith(QUESTION) and KEY_LINE.format(key=54321) in prompt
+        assert n - 2 * words(FILLER) <= joins_cost_extra(prompt) <= n
 
 
 def test_bad_depth():
