@@ -39,7 +39,7 @@ def test_group_attention_in_the_evaluation_commands(tiny_model, tmp_path):
                        capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr
     assert "group attention" in json.loads(r.stdout)["method"]
-    r = subprocess.run([sys.executable, "-m", "pyselfextend", "passkey", "-m", str(tiny_model()), "--lengths", "300",
+    r = subprocess.run([sys.executable, "-m", "pyselfextend", "passkey", "-m", str(tiny_model()), "--lengths", "600",
                         "--depths", "0.5", "--grp-attn-n", "4", "--json", "-t", "1"],
                        capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr

@@ -64,7 +64,7 @@ def test_evaluate_writes_the_results_page(tiny_model, tmp_path):
     doc.write_text("w1 w2 w3 w4 w5 " * 200)
     out = tmp_path / "out"
     r = subprocess.run([sys.executable, "-m", "pyselfextend", "evaluate", "-m", str(tiny_model()), "--out", str(out),
-                        "--lengths", "200,400", "--baseline-lengths", "200", "--depths", "0.5", "--ppl-ctx", "500", "--bucket", "128",
+                        "--lengths", "600,900", "--baseline-lengths", "600", "--depths", "0.5", "--ppl-ctx", "500", "--bucket", "128",
                         "--document", str(doc), "--bench-depths", "0", "-t", "1"],
                        capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stderr
@@ -79,6 +79,6 @@ def test_evaluate_writes_the_results_page(tiny_model, tmp_path):
     page = (out / "results.md").read_text()
     for name in report["passkey"]:  # a passkey row, a perplexity column and a summary line for each method
         assert f"| {name} | " in page and f"Passkey, {name}" in page
-    assert "pyselfextend passkey --lengths 200 --depths 0.5 --seed 0 --no-selfextend --threads 1" in page
+    assert "pyselfextend passkey --lengths 600 --depths 0.5 --seed 0 --no-selfextend --threads 1" in page
     assert "Intel" in page or "AMD" in page or "cores" in page  # the machine is named
     assert "perplexity.png" in page and (out / "perplexity.png").exists() and "Peak resident memory" in page
