@@ -82,3 +82,25 @@ def test_evaluate_writes_the_results_page(tiny_model, tmp_path):
     assert "pyselfextend passkey --lengths 600 --depths 0.5 --seed 0 --no-selfextend --threads 1" in page
     assert "Intel" in page or "AMD" in page or "cores" in page  # the machine is named
     assert "perplexity.png" in page and (out / "perplexity.png").exists() and "Peak resident memory" in page
+
+
+def _report_with(selfextend_past: float, ordinary_past: float) -> dict:
+    def curve(past: float) -> dict:
+        # positions 1-8 within a trained context of 8, buckets of 2; 5-8 pool to sqrt(4 * 9) = 6
+        ppl = [3.0, 3.0, 4.0, 9.0, past, past]
+        return {"n_predicted": 12, "ppl": 5.0,
+                "buckets": [{"start": 2 * i + 1, "end": 2 * i + 2, "n": 2, "ppl": p} for i, p in enumerate(ppl)]}
+
+    return {"model": "m.gguf", "date": "2026-01-01", "threads": 1, "machine": "m", "command": "c", "n_ctx_train": 8,
+            "passkey": {}, "perplexity": {"SelfExtend": curve(selfextend_past), "ordinary": curve(ordinary_past)}}
+
+
+def test_results_page_judges_the_perplexity_goal_against_positions_half_to_full_trained_context():
+    from pyselfextend.evaluate import render_markdown
+
+    met = render_markdown(_report_with(6.5, 60.0))  # 6.5 / 6 = 1.08x
+    assert "1.08x the perplexity of positions 5-8: meets the within-10% goal" in met
+    assert "ordinary: worst bucket past 8 tokens (9-10) 10.00x" in met
+    assert "0.11x, 0.11x" in met  # SelfExtend over ordinary on the same tokens past 8
+    missed = render_markdown(_report_with(6.9, 6.9))  # 1.15x
+    assert "1.15x the perplexity of positions 5-8: misses the within-10% goal" in missed
