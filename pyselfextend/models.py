@@ -13,7 +13,7 @@ import subprocess
 import sys
 import tempfile
 import zipfile
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Dict, Optional
 
@@ -31,7 +31,6 @@ class CatalogueEntry:
     size: int
     source: Dict[str, Any]
     n_ctx_train: int
-    suggested: Dict[str, int] = field(default_factory=dict)
 
 
 def _load() -> Dict[str, Any]:
