@@ -361,7 +361,7 @@ def _summary(r: Dict[str, object], L: int) -> List[str]:
                              f"/{len(ts)}.")
     for n, g in _perplexity_goal(r, L).items():
         what = (f"worst bucket past {L} tokens ({g['worst_start']}-{g['worst_end']}) {g['worst']:.2f}x the "
-                f"perplexity of positions {L // 2 + 1}-{L}")
+                f"perplexity of positions {L // 2 + 1}-{L} ({g['base']:.2f})")
         if n == "SelfExtend":
             same = _same_tokens(r, n, L)
             lines.append(f"- Perplexity, {n}: {what}: {'meets' if g['worst'] <= 1.10 else 'misses'} the within-10% "

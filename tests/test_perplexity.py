@@ -99,8 +99,8 @@ def test_results_page_judges_the_perplexity_goal_against_positions_half_to_full_
     from pyselfextend.evaluate import render_markdown
 
     met = render_markdown(_report_with(6.5, 60.0))  # 6.5 / 6 = 1.08x
-    assert "1.08x the perplexity of positions 5-8: meets the within-10% goal" in met
+    assert "1.08x the perplexity of positions 5-8 (6.00): meets the within-10% goal" in met
     assert "ordinary: worst bucket past 8 tokens (9-10) 10.00x" in met
     assert "0.11x, 0.11x" in met  # SelfExtend over ordinary on the same tokens past 8
     missed = render_markdown(_report_with(6.9, 6.9))  # 1.15x
-    assert "1.15x the perplexity of positions 5-8: misses the within-10% goal" in missed
+    assert "1.15x the perplexity of positions 5-8 (6.00): misses the within-10% goal" in missed
