@@ -33,7 +33,7 @@ import numpy as np
 ENGINES = ["selfextend", "ordinary", "llama.cpp-fa", "llama.cpp"]
 
 
-def _depths(text: str) -> List[int]:
+def parse_depths(text: str) -> List[int]:
     from .cli import parse_size
 
     return sorted({0 if p.strip() == "0" else parse_size(p) for p in text.split(",")})
@@ -95,7 +95,7 @@ def run_bench(args: argparse.Namespace) -> int:
 
     path = str(resolve_model(args.model))
     threads = args.threads or _default_threads()
-    depths = _depths(args.depths)
+    depths = parse_depths(args.depths)
     engines = [e.strip() for e in args.engines.split(",")]
     for e in engines:
         if e not in ENGINES:

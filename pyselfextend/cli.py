@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import re
 import sys
@@ -250,10 +251,14 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     for m in methods:
         if m not in METHODS:
             raise ValueError(f"unknown method {m!r}; choose from {', '.join(METHODS)}")
-    run_evaluation(args.model, Path(args.out), [parse_size(x) for x in args.lengths.split(",")],
-                   [float(x) for x in args.depths.split(",")], args.ppl_ctx, args.bucket, args.bench_depths,
-                   args.threads, Path(args.document) if args.document else None, methods, bench=not args.no_bench,
-                   baseline_lengths=[parse_size(x) for x in args.baseline_lengths.split(",")])
+    lengths = [parse_size(x) for x in args.lengths.split(",")]
+    if args.baseline_lengths:
+        baseline_lengths = [parse_size(x) for x in args.baseline_lengths.split(",")]
+    else:  # the leading lengths up to 16k: past that the baselines have long since failed
+        baseline_lengths = list(itertools.takewhile(lambda n: n <= 16384, lengths)) or lengths[:1]
+    run_evaluation(args.model, Path(args.out), lengths, [float(x) for x in args.depths.split(",")], args.ppl_ctx,
+                   args.bucket, args.bench_depths, args.threads, Path(args.document) if args.document else None,
+                   methods, bench=not args.no_bench, baseline_lengths=baseline_lengths, resume=args.resume)
     print(f"results written to {args.out}/results.md", file=sys.stderr)
     return 0
 
@@ -321,14 +326,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_perplexity)
 
     p = sub.add_parser("evaluate", help="the whole long-context evaluation and its results page",
-                       description=__import__("pyselfextend.evaluate", fromlist=["x"]).__doc__.split("``", 2)[2]
-                       .split(":", 1)[1].strip(), formatter_class=argparse.RawDescriptionHelpFormatter)
+                       description=__import__("pyselfextend.evaluate", fromlist=["x"]).__doc__.split("\n", 1)[1].strip(),
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
     _add_model_args(p)
     p.add_argument("--out", default="docs", metavar="DIR", help="where results.md, results.json and the plot go")
     p.add_argument("--lengths", default="12k,16k,20k,24k", metavar="LIST",
                    help="passkey lengths for SelfExtend (default 12k,16k,20k,24k)")
-    p.add_argument("--baseline-lengths", default="12k,16k", metavar="LIST",
-                   help="passkey lengths for the baselines (default 12k,16k)")
+    p.add_argument("--baseline-lengths", default=None, metavar="LIST",
+                   help="passkey lengths for the baselines, the first of --lengths (default: those up to 16k)")
     p.add_argument("--depths", default="0.1,0.5,0.9", metavar="LIST", help="passkey depths (default 0.1,0.5,0.9)")
     p.add_argument("--ppl-ctx", type=parse_size, default=16384, metavar="N", help="perplexity tokens (default 16k)")
     p.add_argument("--bucket", type=parse_size, default=2048, metavar="N", help="perplexity bucket (default 2k)")
@@ -337,6 +342,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--methods", default="SelfExtend,ordinary,llama.cpp grp-attn 4,YaRN", metavar="LIST",
                    help="methods to compare (default: all four)")
     p.add_argument("--no-bench", action="store_true", help="skip the speed/memory benchmark")
+    p.add_argument("--resume", action="store_true",
+                   help="continue an interrupted run into --out: keep the steps its results.json already holds "
+                        "with the same settings and run only the rest")
     p.set_defaults(func=cmd_evaluate)
 
     p = sub.add_parser("bench", help="prefill/decode speed and peak memory against llama.cpp, in one run",

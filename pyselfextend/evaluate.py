@@ -1,20 +1,21 @@
-"""``pyselfextend evaluate``: the whole long-context evaluation in one command, and its results page.
+"""pyselfextend evaluate: the whole long-context evaluation in one command, and its results page.
 
-Runs, on one model: passkey retrieval for SelfExtend and each baseline (ordinary attention,
+Runs on one model: passkey retrieval for SelfExtend and each baseline (ordinary attention,
 llama.cpp's group attention, YaRN) at several lengths and key depths; perplexity by position over
-one long document for the same methods; and the speed/memory benchmark against llama.cpp. Writes
-``results.json``, ``perplexity.png`` and a Markdown page (``results.md``) into ``--out``.
+one long document for the same methods; and the speed and memory benchmark against llama.cpp.
+Writes results.json (after every step), perplexity.png and the page results.md into --out. With
+the defaults, SmolLM2-135M on two cores takes about two hours; --resume continues an interrupted
+run where it stopped.
 
-The default document is the GNU Coding Standards (``standards.info``), English prose of about 45k
-tokens, from Debian's ``gnu-standards`` package (``apt-get download gnu-standards``); ``--document``
-takes any UTF-8 text instead.
+The default document is the GNU Coding Standards (standards.info), English prose of about 60k
+tokens, from Debian's gnu-standards package (apt-get download gnu-standards); --document takes
+any UTF-8 text instead.
 """
 from __future__ import annotations
 
 import json
 import math
 import platform
-import re
 import subprocess
 import sys
 import tempfile
@@ -74,9 +75,7 @@ def _open(path: str, n_ctx: int, threads: Optional[int], method: Dict[str, objec
     if "grp_attn_n" in method:
         from .baselines import LlamaCppGroupAttention
 
-        llm = LlamaCppGroupAttention(path, n_ctx, int(method["grp_attn_n"]), threads)
-        llm.n_ctx_train = llm.plan.n_ctx_train
-        return llm
+        return LlamaCppGroupAttention(path, n_ctx, int(method["grp_attn_n"]), threads)
     import warnings
 
     from .model import LocalModel
@@ -106,58 +105,121 @@ def describe_machine() -> str:
         return f"{cpu}, {os.cpu_count()} cores, {platform.system()} {platform.machine()}"
 
 
+def _earlier_run(path: Path, model: str, threads: Optional[int]) -> Optional[Dict[str, object]]:
+    """The results.json of an earlier run into the same folder, if it measured the same model with
+    the same thread count (anything else cannot be resumed)."""
+    if not path.exists():
+        return None
+    try:
+        earlier = json.loads(path.read_text())
+    except ValueError:
+        raise ValueError(f"{path} is not a results file (invalid JSON); remove it or drop --resume") from None
+    if earlier.get("model") != model or earlier.get("threads") != threads:
+        raise ValueError(f"{path} measured {earlier.get('model')} with {earlier.get('threads')} threads, not {model} "
+                         f"with {threads}: cannot resume it; choose another --out or drop --resume")
+    return earlier
+
+
+def _run_command() -> Optional[str]:
+    """The command line as the page shows it: --resume only continues the same run."""
+    args = [a for a in sys.argv[1:] if a != "--resume"]
+    return "pyselfextend " + " ".join(args) if args else None
+
+
 def run_evaluation(model: str, out: Path, lengths: List[int], depths: List[float], ppl_ctx: int, bucket: int,
                    bench_depths: str, threads: Optional[int], document: Optional[Path],
                    methods: List[str], bench: bool = True,
-                   baseline_lengths: Optional[List[int]] = None) -> Dict[str, object]:
+                   baseline_lengths: Optional[List[int]] = None, resume: bool = False) -> Dict[str, object]:
     """Runs everything and writes results.json (after every step), perplexity.png and results.md.
 
     Passkey runs SelfExtend at ``lengths`` and the baselines at ``baseline_lengths`` (default: the
-    same), all with the same seed, hence the same keys and prompts at a given length and depth."""
+    same; they must be the first of ``lengths``), all with the keys of seed 0, hence the same
+    prompts at a given length and depth.
+
+    With ``resume``, the steps that an earlier, interrupted run into ``out`` finished with the same
+    settings (each method's passkey cells at one length, each method's perplexity, the benchmark)
+    are kept as they are and only the rest runs. ``minutes`` counts the time of every step kept."""
+    from . import _engine
+    from .bench import parse_depths
     from .models import resolve_model
-    from .passkey import run_passkey
+    from .passkey import passkey_keys, run_passkey
     from .perplexity import plot, summarize, token_nll
     from .progress import ProgressBar
 
+    baseline_lengths = baseline_lengths or lengths
+    if baseline_lengths != lengths[:len(baseline_lengths)]:
+        raise ValueError(f"the baseline lengths {baseline_lengths} must be the first of the lengths {lengths}: keys are "
+                         "drawn length by length, and every method must see the same prompts")
     log = lambda msg: print(msg, file=sys.stderr, flush=True)
     path = str(resolve_model(model))
     out.mkdir(parents=True, exist_ok=True)
-    started = time.time()
-    report: Dict[str, object] = {"model": path, "date": time.strftime("%Y-%m-%d"), "threads": threads,
-                                 "machine": describe_machine(),
-                                 "command": "pyselfextend " + " ".join(sys.argv[1:]) if sys.argv[1:] else None,
-                                 "passkey": {}, "perplexity": {}}
+    results_file = out / "results.json"
+    earlier = _earlier_run(results_file, path, threads) if resume else None
+    today = time.strftime("%Y-%m-%d")
+    first_day = str(earlier["date"])[:10] if earlier else today
+    report: Dict[str, object] = {"model": path, "date": today if first_day == today else f"{first_day} to {today}",
+                                 "threads": threads, "machine": describe_machine(), "command": _run_command(),
+                                 "n_ctx_train": _engine.Model(path).n_ctx_train, "passkey": {}, "perplexity": {},
+                                 "resumed": int(earlier.get("resumed", 0)) + 1 if earlier else 0}
+
+    def save() -> None:
+        seconds = [float(t["seconds"]) for ts in report["passkey"].values() for t in ts]
+        seconds += [float(p["seconds"]) for p in report["perplexity"].values()]
+        seconds += [float(report["bench"]["seconds"])] if "bench" in report else []
+        report["minutes"] = round(sum(seconds) / 60, 1)
+        results_file.write_text(json.dumps(report, indent=2))
+
+    keys = passkey_keys(0, lengths, depths, 1)
     for name in methods:
         spec = METHODS[name]
-        kwargs = {k: v for k, v in spec.items()}
-        at = lengths if name == "SelfExtend" or baseline_lengths is None else baseline_lengths
-        results = run_passkey(path, at, depths, trials=1, seed=0, n_threads=threads, log=log,
-                              selfextend=kwargs.get("selfextend", True), rope_scaling=kwargs.get("rope_scaling"),
-                              grp_attn_n=kwargs.get("grp_attn_n"), show_progress=True)
-        report["passkey"][name] = results
-        (out / "results.json").write_text(json.dumps(report, indent=2))
+        report["passkey"][name] = []
+        for n in lengths if name == "SelfExtend" else baseline_lengths:
+            kept = [t for t in (earlier or {}).get("passkey", {}).get(name, []) if t["target_length"] == n]
+            if sorted((float(t["depth"]), int(t["key"])) for t in kept) == sorted((d, keys[(n, d, 0)]) for d in depths):
+                log(f"passkey: {name} at {n}: kept from the earlier run")
+            else:
+                kept = run_passkey(path, [n], depths, trials=1, n_threads=threads, log=log, keys=keys,
+                                   selfextend=spec.get("selfextend", True), rope_scaling=spec.get("rope_scaling"),
+                                   grp_attn_n=spec.get("grp_attn_n"), show_progress=True)
+            report["passkey"][name] += kept
+            save()
 
     doc = document or fetch_gnu_standards(Path.home() / ".cache" / "pyselfextend" / "documents" / "gnu-standards.txt")
-    text = Path(doc).read_text(encoding="utf-8")
     report["document"] = str(doc) if document else describe_gnu_standards(doc)
     report["document_path"] = str(doc).replace(str(Path.home()), "~")
+    # Every method reads the file's own tokenizer, so the document is tokenized once.
+    ids = list(_engine.Vocab(path).tokenize(Path(doc).read_text(encoding="utf-8"), True, True))[:ppl_ctx]
     for name in methods:
-        llm = _open(path, ppl_ctx, threads, METHODS[name])
-        ids = llm.tokenize(text)[:ppl_ctx]
-        log(f"perplexity: {name}: {len(ids)} tokens")
-        report["perplexity"][name] = summarize(token_nll(llm, ids, progress=ProgressBar(f"perplexity {name}")), bucket)
-        report["n_ctx_train"] = llm.n_ctx_train
-        (out / "results.json").write_text(json.dumps(report, indent=2))
+        kept = (earlier or {}).get("perplexity", {}).get(name)
+        if (kept and "seconds" in kept and earlier.get("document_path") == report["document_path"]
+                and kept["n_predicted"] == len(ids) - 1 and kept["buckets"][0]["n"] == min(bucket, len(ids) - 1)):
+            log(f"perplexity: {name}: kept from the earlier run")
+        else:
+            started = time.perf_counter()
+            llm = _open(path, ppl_ctx, threads, METHODS[name])
+            log(f"perplexity: {name}: {len(ids)} tokens")
+            kept = summarize(token_nll(llm, ids, progress=ProgressBar(f"perplexity {name}")), bucket)
+            kept["seconds"] = round(time.perf_counter() - started, 2)
+            del llm
+        report["perplexity"][name] = kept
+        save()
     plot(report["perplexity"], int(report["n_ctx_train"]), str(out / "perplexity.png"))
 
     if bench:
-        cmd = [sys.executable, "-m", "pyselfextend", "bench", "--model", path, "--depths", bench_depths, "--json",
-               "--repetitions", str(BENCH_REPETITIONS)]
-        if threads:
-            cmd += ["--threads", str(threads)]
-        report["bench"] = json.loads(subprocess.run(cmd, check=True, stdout=subprocess.PIPE, text=True).stdout)
-    report["minutes"] = round((time.time() - started) / 60, 1)
-    (out / "results.json").write_text(json.dumps(report, indent=2))
+        kept = (earlier or {}).get("bench")
+        if (kept and "seconds" in kept and kept.get("repetitions") == BENCH_REPETITIONS
+                and list(next(iter(kept["engines"].values()))["depths"]) == [str(d) for d in parse_depths(bench_depths)]):
+            log("bench: kept from the earlier run")
+        else:
+            cmd = [sys.executable, "-m", "pyselfextend", "bench", "--model", path, "--depths", bench_depths, "--json",
+                   "--repetitions", str(BENCH_REPETITIONS)]
+            if threads:
+                cmd += ["--threads", str(threads)]
+            started = time.perf_counter()
+            kept = json.loads(subprocess.run(cmd, check=True, stdout=subprocess.PIPE, text=True).stdout)
+            kept["seconds"] = round(time.perf_counter() - started, 2)
+        report["bench"] = kept
+    save()
     (out / "results.md").write_text(render_markdown(report))
     return report
 
@@ -385,9 +447,11 @@ def render_markdown(r: Dict[str, object]) -> str:
     """The results page: every number comes from ``r`` (results.json)."""
     L = int(r.get("n_ctx_train", 0))
     threads = f" --threads {r['threads']}" if r.get("threads") else ""
+    n = int(r.get("resumed", 0))
+    resumed = f" (interrupted and continued with `--resume` {'once' if n == 1 else f'{n} times'})" if n else ""
     lines = [f"# Long-context results: {Path(str(r['model'])).name}", "",
              f"Measured on {r['date']} on {r['machine']}, {r.get('threads') or 'all'} threads, in "
-             f"{r.get('minutes', '?')} minutes, by one command:", "", "```",
+             f"{r.get('minutes', '?')} minutes{resumed}, by one command:", "", "```",
              r.get("command") or "pyselfextend evaluate --out docs", "```", "",
              f"The model's trained context is {L} tokens. Every number on this page comes from that run and is "
              "in `results.json` beside it; the page itself is written by the command.", ""]

@@ -6,7 +6,7 @@ import math
 import random
 import re
 import time
-from typing import Callable, Dict, List, Optional
+from typing import Callable, Dict, List, Optional, Tuple
 
 INTRO = ("There is an important info hidden inside a lot of irrelevant text. Find it and memorize them. "
          "I will quiz you about the important information there.")
@@ -38,17 +38,30 @@ def passkey_prompt(count_tokens: Callable[[str], int], n_tokens: int, depth: flo
     return prompt
 
 
+Cell = Tuple[int, float, int]  # (length, depth, trial)
+
+
+def passkey_keys(seed: int, lengths: List[int], depths: List[float], trials: int) -> Dict[Cell, int]:
+    """The key of every (length, depth, trial), drawn in that order from one generator seeded with
+    ``seed``: runs with the same seed whose lengths start alike ask for the same keys."""
+    rng = random.Random(seed)
+    return {(n, d, t): rng.randint(10000, 99999) for n in lengths for d in depths for t in range(trials)}
+
+
 def run_passkey(model_path: str, lengths: List[int], depths: List[float], trials: int = 1, seed: int = 0,
                 group_size: Optional[int] = None, window: Optional[int] = None, selfextend: bool = True,
                 n_threads: Optional[int] = None, n_batch: int = 512,
                 log: Callable[[str], None] = lambda msg: None, rope_scaling: Optional[str] = None,
                 rope_factor: Optional[float] = None, grp_attn_n: Optional[int] = None,
-                show_progress: bool = False) -> List[Dict[str, object]]:
-    """Runs the passkey test: for each length, depth and trial a fresh random 5-digit key, greedy
-    decoding of up to 16 tokens, and whether the answer's first number is the key."""
+                show_progress: bool = False, keys: Optional[Dict[Cell, int]] = None) -> List[Dict[str, object]]:
+    """Runs the passkey test: for each length, depth and trial a random 5-digit key, greedy
+    decoding of up to 16 tokens, and whether the answer's first number is the key.
+
+    The keys are ``passkey_keys(seed, lengths, depths, trials)`` unless ``keys`` gives them."""
     from .model import LocalModel
 
-    rng = random.Random(seed)
+    if keys is None:
+        keys = passkey_keys(seed, lengths, depths, trials)
     results: List[Dict[str, object]] = []
     answer_tokens = 16  # digits are single tokens in many vocabularies, and models often restate the question
     for length in lengths:
@@ -64,7 +77,7 @@ def run_passkey(model_path: str, lengths: List[int], depths: List[float], trials
         count = lambda text: len(llm.tokenize(text))
         for depth in depths:
             for trial in range(trials):
-                key = rng.randint(10000, 99999)
+                key = keys[(length, depth, trial)]
                 ids = llm.tokenize(passkey_prompt(count, length, depth, key))
                 if len(ids) > length:
                     raise ValueError(f"the shortest passkey prompt is {len(ids)} tokens, longer than {length}")

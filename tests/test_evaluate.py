@@ -1,0 +1,114 @@
+"""pyselfextend evaluate: the whole evaluation, its results page, and resuming an interrupted run."""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from pyselfextend.passkey import passkey_keys
+
+
+def evaluate(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "pyselfextend", "evaluate", *args], capture_output=True, text=True,
+                          timeout=600)
+
+
+def test_evaluate_writes_the_results_page(tiny_model, tmp_path):
+    pytest.importorskip("matplotlib")
+    doc = tmp_path / "doc.txt"
+    doc.write_text("w1 w2 w3 w4 w5 " * 200)
+    out = tmp_path / "out"
+    r = evaluate("-m", str(tiny_model()), "--out", str(out), "--lengths", "600,900", "--baseline-lengths", "600",
+                 "--depths", "0.5", "--ppl-ctx", "500", "--bucket", "128", "--document", str(doc), "--bench-depths", "0",
+                 "-t", "1")
+    assert r.returncode == 0, r.stderr
+    report = json.loads((out / "results.json").read_text())
+    assert set(report["passkey"]) == {"SelfExtend", "ordinary", "llama.cpp grp-attn 4", "YaRN"}
+    assert len(report["passkey"]["SelfExtend"]) == 2
+    for name, trials in report["passkey"].items():  # the baselines see the same prompts at the shorter length
+        assert trials[0]["key"] == report["passkey"]["SelfExtend"][0]["key"]
+        assert len(trials) == (2 if name == "SelfExtend" else 1)
+    assert all(p["n_predicted"] == 499 for p in report["perplexity"].values())
+    assert set(report["bench"]["engines"]) == {"selfextend", "ordinary", "llama.cpp-fa", "llama.cpp"}
+    page = (out / "results.md").read_text()
+    for name in report["passkey"]:  # a passkey row, a perplexity column and a summary line for each method
+        assert f"| {name} | " in page and f"Passkey, {name}" in page
+    assert "pyselfextend passkey --lengths 600 --depths 0.5 --seed 0 --no-selfextend --threads 1" in page
+    assert "Intel" in page or "AMD" in page or "cores" in page  # the machine is named
+    assert "perplexity.png" in page and (out / "perplexity.png").exists() and "Peak resident memory" in page
+
+
+def _report_with(selfextend_past: float, ordinary_past: float) -> dict:
+    def curve(past: float) -> dict:
+        # positions 1-8 within a trained context of 8, buckets of 2; 5-8 pool to sqrt(4 * 9) = 6
+        ppl = [3.0, 3.0, 4.0, 9.0, past, past]
+        return {"n_predicted": 12, "ppl": 5.0,
+                "buckets": [{"start": 2 * i + 1, "end": 2 * i + 2, "n": 2, "ppl": p} for i, p in enumerate(ppl)]}
+
+    return {"model": "m.gguf", "date": "2026-01-01", "threads": 1, "machine": "m", "command": "c", "n_ctx_train": 8,
+            "passkey": {}, "perplexity": {"SelfExtend": curve(selfextend_past), "ordinary": curve(ordinary_past)}}
+
+
+def test_results_page_judges_the_perplexity_goal_against_positions_half_to_full_trained_context():
+    from pyselfextend.evaluate import render_markdown
+
+    met = render_markdown(_report_with(6.5, 60.0))  # 6.5 / 6 = 1.08x
+    assert "1.08x the perplexity of positions 5-8 (6.00): meets the within-10% goal" in met
+    assert "ordinary: worst bucket past 8 tokens (9-10) 10.00x" in met
+    assert "0.11x, 0.11x" in met  # SelfExtend over ordinary on the same tokens past 8
+    missed = render_markdown(_report_with(6.9, 6.9))  # 1.15x
+    assert "1.15x the perplexity of positions 5-8 (6.00): misses the within-10% goal" in missed
+
+
+def test_keys_depend_only_on_the_seed_and_the_cells_before():
+    short = passkey_keys(0, [600], [0.1, 0.9], 2)
+    longer = passkey_keys(0, [600, 900], [0.1, 0.9], 2)
+    assert all(longer[cell] == key for cell, key in short.items()) and len(longer) == 8
+    assert passkey_keys(1, [600], [0.1, 0.9], 2) != short
+    assert all(10000 <= k <= 99999 for k in longer.values())
+
+
+def test_resume_keeps_the_finished_steps_and_runs_the_rest(tiny_model, tmp_path):
+    pytest.importorskip("matplotlib")
+    doc = tmp_path / "doc.txt"
+    doc.write_text("w1 w2 w3 w4 w5 " * 200)
+    out = tmp_path / "out"
+    args = ["-m", str(tiny_model()), "--out", str(out), "--lengths", "600,900", "--depths", "0.5", "--ppl-ctx", "400",
+            "--bucket", "128", "--document", str(doc), "--methods", "SelfExtend,ordinary", "--no-bench", "-t", "1"]
+    r = evaluate(*args)
+    assert r.returncode == 0, r.stderr
+    whole = json.loads((out / "results.json").read_text())
+    assert whole["resumed"] == 0
+
+    # As if the run had stopped after SelfExtend's first length; the mark shows what is kept, not redone.
+    partial = dict(whole, passkey={"SelfExtend": [dict(whole["passkey"]["SelfExtend"][0], answer="KEPT")]},
+                   perplexity={})
+    (out / "results.json").write_text(json.dumps(partial))
+    r = evaluate(*args, "--resume")
+    assert r.returncode == 0, r.stderr
+    assert "kept from the earlier run" in r.stderr
+    resumed = json.loads((out / "results.json").read_text())
+    selfextend = resumed["passkey"]["SelfExtend"]
+    assert selfextend[0]["answer"] == "KEPT"
+    assert [t["key"] for t in selfextend] == [t["key"] for t in whole["passkey"]["SelfExtend"]]
+    assert selfextend[1]["answer"] == whole["passkey"]["SelfExtend"][1]["answer"]  # redone: the same greedy answer
+    assert resumed["passkey"]["ordinary"][0]["key"] == selfextend[0]["key"]
+    for name, p in resumed["perplexity"].items():
+        assert p["ppl"] == pytest.approx(whole["perplexity"][name]["ppl"], rel=1e-6) and p["seconds"] > 0
+    seconds = [t["seconds"] for ts in resumed["passkey"].values() for t in ts]
+    seconds += [p["seconds"] for p in resumed["perplexity"].values()]
+    assert resumed["minutes"] == round(sum(seconds) / 60, 1)
+    assert resumed["resumed"] == 1 and "--resume" not in resumed["command"]
+    assert "continued with `--resume` once" in (out / "results.md").read_text()
+
+    # Another thread count measures something else: it cannot be resumed into the same folder.
+    r = evaluate(*args[:-1], "2", "--resume")
+    assert r.returncode == 1 and "cannot resume" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_baseline_lengths_must_start_the_lengths(tiny_model, tmp_path):
+    r = evaluate("-m", str(tiny_model()), "--out", str(tmp_path), "--lengths", "600,900", "--baseline-lengths", "900",
+                 "--no-bench", "-t", "1")
+    assert r.returncode == 1 and "must be the first of the lengths" in r.stderr and "Traceback" not in r.stderr
