@@ -43,6 +43,11 @@ class LlamaCppGroupAttention:
         self._vocab = _engine.Vocab(str(path))
         self.plan = GroupAttentionPlan(n_ctx, _engine.Model(str(path)).n_ctx_train, grp_attn_n)
 
+    @property
+    def n_ctx_train(self) -> int:
+        """Context length the model was trained on."""
+        return self.plan.n_ctx_train
+
     def tokenize(self, text: str, add_special: bool = True, parse_special: bool = True) -> List[int]:
         return list(self._vocab.tokenize(text, add_special, parse_special))
 

@@ -222,7 +222,6 @@ def cmd_perplexity(args: argparse.Namespace) -> int:
 
         llm = LlamaCppGroupAttention(models.resolve_model(args.model), args.ctx, args.grp_attn_n, args.threads,
                                      args.batch)
-        llm.n_ctx_train = llm.plan.n_ctx_train
         print(f"pyselfextend: {llm.plan.describe()}", file=sys.stderr)
     else:
         llm = _open_model(args, args.ctx, args.batch)
