@@ -396,6 +396,16 @@ def _bench_section(r: Dict[str, object], threads: str) -> List[str]:
     return lines
 
 
+def _key_place(trial: Dict[str, object]) -> str:
+    """Where a SelfExtend trial's key sat for the question: read at its own position (within the
+    window) or at a grouped one."""
+    distance = round((1 - float(trial["depth"])) * int(trial["length"]))
+    inside = distance < int(trial["window"])
+    return (f"the key about {distance} tokens before the question, "
+            + (f"within the window W={trial['window']}: read at its exact position" if inside
+               else f"beyond the window W={trial['window']}: read at a grouped position"))
+
+
 def _summary(r: Dict[str, object], L: int) -> List[str]:
     lines = ["## Summary", ""]
     se = r["passkey"].get("SelfExtend")
@@ -414,7 +424,7 @@ def _summary(r: Dict[str, object], L: int) -> List[str]:
         missed = [t for t in se if not t["ok"]]
         if missed:
             lines.append("- Goal, every trial found: not met. Missed: " + "; ".join(
-                f"depth {t['depth']:g} at {t['length']} tokens" for t in missed) + ".")
+                f"depth {t['depth']:g} at {t['length']} tokens ({_key_place(t)})" for t in missed) + ".")
         else:
             lines.append("- Goal, every trial found: met.")
         for name, ts in r["passkey"].items():

@@ -112,3 +112,18 @@ def test_baseline_lengths_must_start_the_lengths(tiny_model, tmp_path):
     r = evaluate("-m", str(tiny_model()), "--out", str(tmp_path), "--lengths", "600,900", "--baseline-lengths", "900",
                  "--no-bench", "-t", "1")
     assert r.returncode == 1 and "must be the first of the lengths" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_results_page_says_where_each_missed_key_sat():
+    from pyselfextend.evaluate import render_markdown
+
+    def trial(depth: float, ok: bool) -> dict:
+        return {"length": 12000, "target_length": 12288, "depth": depth, "trial": 0, "key": 12345, "answer": "no",
+                "ok": ok, "seconds": 1.0, "group_size": 2, "window": 2048, "method": "selfextend"}
+
+    page = render_markdown({"model": "m.gguf", "date": "d", "threads": 1, "machine": "m", "command": "c",
+                            "n_ctx_train": 8192, "perplexity": {},
+                            "passkey": {"SelfExtend": [trial(0.5, False), trial(0.9, False), trial(0.1, True)]}})
+    assert "Goal, every trial found: not met" in page
+    assert "depth 0.9 at 12000 tokens (the key about 1200 tokens before the question, within the window W=2048" in page
+    assert "depth 0.5 at 12000 tokens (the key about 6000 tokens before the question, beyond the window W=2048" in page
