@@ -4,7 +4,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from pyselfextend import LocalModel, _engine
+from pyselfextend import LocalModel
 from tiny_gguf import TinySpec, write_tiny_model
 
 
