@@ -3,19 +3,22 @@
 It is the scheme of llama.cpp's passkey example: the prompt goes in batches, and before each new
 batch the cached positions of the previous one are divided by n, so that only the current batch
 keeps exact positions. Unlike SelfExtend it has no fixed neighbor window. This class offers the
-subset of ``LocalModel`` that the evaluation commands use.
+subset of ``LocalModel`` that the evaluation commands use; ``open_method`` opens whichever method
+an evaluation asks for.
 """
 from __future__ import annotations
 
 import codecs
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import List, Optional, Sequence
+from typing import List, Optional, Sequence, Union
 
 import numpy as np
 
 from . import _engine
-from .model import _default_threads
+from .model import LocalModel, _default_threads
+from .models import resolve_model
 
 
 @dataclass(frozen=True)
@@ -72,3 +75,25 @@ class LlamaCppGroupAttention:
             text += decoder.decode(bytes(self._vocab.token_to_piece(token, False)))
             logits = self.eval([token])
         return text + decoder.decode(b"", final=True)
+
+
+def open_method(path: Optional[Union[str, Path]], n_ctx: int, n_threads: Optional[int] = None, n_batch: int = 512, *,
+                grp_attn_n: Optional[int] = None, verbose: bool = False,
+                **attention) -> Union[LocalModel, LlamaCppGroupAttention]:
+    """The model for one long-context method: llama.cpp's group attention when ``grp_attn_n`` is
+    given, otherwise ``LocalModel`` with ``attention`` (its group_size, window, selfextend,
+    rope_scaling and rope_factor arguments).
+
+    ``plan.describe()`` says when ordinary attention runs past the trained context, so
+    LocalModel's warning about that is not repeated here.
+    """
+    if grp_attn_n is not None:
+        if attention.get("selfextend") is False or any(attention.get(k) is not None for k in
+                                                       ("group_size", "window", "rope_scaling", "rope_factor")):
+            raise ValueError("llama.cpp's group attention (grp_attn_n) cannot be combined with group_size, window, "
+                             "selfextend=False or rope_scaling: it is a method of its own")
+        return LlamaCppGroupAttention(resolve_model(None if path is None else str(path)), n_ctx, grp_attn_n, n_threads,
+                                      n_batch)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return LocalModel(path, n_ctx=n_ctx, n_threads=n_threads, n_batch=n_batch, verbose=verbose, **attention)

@@ -118,13 +118,18 @@ def _read_prompt(args: argparse.Namespace) -> str:
 
 
 def _open_model(args: argparse.Namespace, n_ctx: int, n_batch: int = 512):
-    from .model import LocalModel
+    """The model the flags ask for (``--grp-attn-n``: llama.cpp's group attention); says how
+    attention is set up on stderr."""
+    from .baselines import open_method
 
     if not args.selfextend and (args.group_size is not None or args.window is not None):
         raise ValueError("--no-selfextend cannot be combined with --group-size/--window")
-    llm = LocalModel(args.model, n_ctx=n_ctx, n_threads=args.threads, n_batch=n_batch, verbose=args.verbose,
-                     group_size=args.group_size, window=args.window, selfextend=args.selfextend,
-                     rope_scaling=args.rope_scaling, rope_factor=args.rope_factor)
+    if getattr(args, "grp_attn_n", None) is not None and (args.group_size is not None or args.window is not None
+                                                          or not args.selfextend or args.rope_scaling is not None):
+        raise ValueError("--grp-attn-n cannot be combined with --group-size/--window, --no-selfextend or --rope-scaling")
+    llm = open_method(args.model, n_ctx, args.threads, n_batch, grp_attn_n=getattr(args, "grp_attn_n", None),
+                      verbose=args.verbose, group_size=args.group_size, window=args.window,
+                      selfextend=args.selfextend, rope_scaling=args.rope_scaling, rope_factor=args.rope_factor)
     print(f"pyselfextend: {llm.plan.describe()}", file=sys.stderr)
     return llm
 
@@ -217,14 +222,7 @@ def cmd_perplexity(args: argparse.Namespace) -> int:
 
     with open(args.file, encoding="utf-8") as f:
         text = f.read()
-    if args.grp_attn_n:
-        from .baselines import LlamaCppGroupAttention
-
-        llm = LlamaCppGroupAttention(models.resolve_model(args.model), args.ctx, args.grp_attn_n, args.threads,
-                                     args.batch)
-        print(f"pyselfextend: {llm.plan.describe()}", file=sys.stderr)
-    else:
-        llm = _open_model(args, args.ctx, args.batch)
+    llm = _open_model(args, args.ctx, args.batch)
     ids = llm.tokenize(text)[: args.ctx]
     if len(ids) < args.ctx:
         print(f"pyselfextend: the document has {len(ids)} tokens, fewer than --ctx {args.ctx}", file=sys.stderr)

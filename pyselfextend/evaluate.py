@@ -71,20 +71,6 @@ METHODS = {
 }
 
 
-def _open(path: str, n_ctx: int, threads: Optional[int], method: Dict[str, object]):
-    if "grp_attn_n" in method:
-        from .baselines import LlamaCppGroupAttention
-
-        return LlamaCppGroupAttention(path, n_ctx, int(method["grp_attn_n"]), threads)
-    import warnings
-
-    from .model import LocalModel
-
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # ordinary attention past L warns; here that is the point
-        return LocalModel(path, n_ctx=n_ctx, n_threads=threads, **method)
-
-
 BENCH_REPETITIONS = 2  # median of two: the bench fills each engine's cache to the deepest depth once
 
 
@@ -140,6 +126,7 @@ def run_evaluation(model: str, out: Path, lengths: List[int], depths: List[float
     settings (each method's passkey cells at one length, each method's perplexity, the benchmark)
     are kept as they are and only the rest runs. ``minutes`` counts the time of every step kept."""
     from . import _engine
+    from .baselines import open_method
     from .bench import parse_depths
     from .models import resolve_model
     from .passkey import passkey_keys, run_passkey
@@ -196,7 +183,7 @@ def run_evaluation(model: str, out: Path, lengths: List[int], depths: List[float
             log(f"perplexity: {name}: kept from the earlier run")
         else:
             started = time.perf_counter()
-            llm = _open(path, ppl_ctx, threads, METHODS[name])
+            llm = open_method(path, ppl_ctx, threads, **METHODS[name])
             log(f"perplexity: {name}: {len(ids)} tokens")
             kept = summarize(token_nll(llm, ids, progress=ProgressBar(f"perplexity {name}")), bucket)
             kept["seconds"] = round(time.perf_counter() - started, 2)

@@ -58,6 +58,7 @@ def run_passkey(model_path: str, lengths: List[int], depths: List[float], trials
     decoding of up to 16 tokens, and whether the answer's first number is the key.
 
     The keys are ``passkey_keys(seed, lengths, depths, trials)`` unless ``keys`` gives them."""
+    from .baselines import open_method
     from .model import LocalModel
 
     if keys is None:
@@ -65,14 +66,9 @@ def run_passkey(model_path: str, lengths: List[int], depths: List[float], trials
     results: List[Dict[str, object]] = []
     answer_tokens = 16  # digits are single tokens in many vocabularies, and models often restate the question
     for length in lengths:
-        if grp_attn_n:
-            from .baselines import LlamaCppGroupAttention
-
-            llm = LlamaCppGroupAttention(model_path, length + answer_tokens, grp_attn_n, n_threads, n_batch)
-        else:
-            llm = LocalModel(model_path, n_ctx=length + answer_tokens, n_threads=n_threads, n_batch=n_batch,
-                             group_size=group_size, window=window, selfextend=selfextend,
-                             rope_scaling=rope_scaling, rope_factor=rope_factor)
+        llm = open_method(model_path, length + answer_tokens, n_threads, n_batch, grp_attn_n=grp_attn_n,
+                          group_size=group_size, window=window, selfextend=selfextend, rope_scaling=rope_scaling,
+                          rope_factor=rope_factor)
         log(f"passkey: length {length}: {llm.plan.describe()}")
         count = lambda text: len(llm.tokenize(text))
         for depth in depths:
