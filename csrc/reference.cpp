@@ -72,13 +72,20 @@ std::vector<float> reference_model::eval(const std::vector<int32_t> & tokens, bo
     for (int32_t done = 0; done < n;) {
         const int32_t nb = std::min(n_batch_, n - done);
         if (grp_n_ > 1 && last_full_ && n > 1) {  // prompt batches only, as llama.cpp's example
-            // Compress the previous (full) batch: shift it past the blocks compressed before it,
-            // then divide its positions by grp_n_, so it occupies n_batch / grp_n_ positions.
+            // Compress the previous (full) batch as llama.cpp's example does: shift it past the
+            // blocks compressed before it, then divide its positions by grp_n_, so that it occupies
+            // n_batch / grp_n_ positions. The example calls seq_add then seq_div; this libllama's
+            // seq_div records the key rotation with the wrong sign (old - new instead of new - old),
+            // which turns the cached keys away from their new positions. So each position is moved
+            // to the same place by seq_add alone, whose rotation is right. In increasing order, a
+            // moved key lands on a position already done and is never moved twice.
             llama_memory_t mem = llama_get_memory(ctx_);
             const int32_t ib = full_batches_ - 1;
             const int32_t shift = ib * (n_batch_ / grp_n_) * (grp_n_ - 1);
-            llama_memory_seq_add(mem, 0, pos_ - n_batch_, pos_, shift);
-            llama_memory_seq_div(mem, 0, pos_ - n_batch_ + shift, pos_ + shift, grp_n_);
+            for (int32_t p = pos_ - n_batch_; p < pos_; ++p) {
+                const int32_t to = (p + shift) / grp_n_;
+                if (to != p) llama_memory_seq_add(mem, 0, p, p + 1, to - p);
+            }
             pos_ = llama_memory_seq_pos_max(mem, 0) + 1;
         }
         batch.n_tokens = nb;

@@ -2,7 +2,9 @@
 
 It is the scheme of llama.cpp's passkey example: the prompt goes in batches, and before each new
 batch the cached positions of the previous one are divided by n, so that only the current batch
-keeps exact positions. Unlike SelfExtend it has no fixed neighbor window. This class offers the
+keeps exact positions. Unlike SelfExtend it has no fixed neighbor window. (The positions are moved
+with libllama's seq_add rather than the example's seq_div, whose key rotation has the wrong sign in
+the pinned llama.cpp: see csrc/reference.cpp.) This class offers the
 subset of ``LocalModel`` that the evaluation commands use; ``open_method`` opens whichever method
 an evaluation asks for.
 """

@@ -227,7 +227,9 @@ METHOD_NOTES = {
     "ordinary": "plain attention with the model's own RoPE, no extension",
     "llama.cpp grp-attn 4": "llama.cpp's passkey-example scheme run by libllama itself: before each 512-token "
                             "prompt batch the cached positions of the previous batch are divided by 4, so only "
-                            "the current batch keeps exact positions",
+                            "the current batch keeps exact positions (the positions are moved with "
+                            "`llama_memory_seq_add`: the pinned libllama's `seq_div` rotates the cached keys the "
+                            "wrong way)",
     "YaRN": "plain attention with YaRN RoPE frequency scaling (ggml_rope_ext) by length / trained context",
 }
 

@@ -44,3 +44,22 @@ def test_group_attention_in_the_evaluation_commands(tiny_model, tmp_path):
                        capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr
     assert json.loads(r.stdout)[0]["method"] == "llama.cpp-grp-attn-4"
+
+
+@pytest.mark.model
+def test_group_attention_keeps_the_text_readable_within_the_trained_context(smollm_path):
+    # Past batches sit at divided positions, and their cached keys must be rotated to those positions.
+    # (The pinned libllama's seq_div rotates them away instead: perplexity then grows a hundredfold.)
+    from test_parity import PARITY_TEXT
+
+    from pyselfextend import LocalModel
+    from pyselfextend.perplexity import token_nll
+
+    grouped = LlamaCppGroupAttention(smollm_path, 2048, 4, 2, n_batch=128)
+    ids = grouped.tokenize(PARITY_TEXT)
+    nll_grouped = token_nll(grouped, ids)
+    nll_plain = token_nll(LocalModel(smollm_path, n_ctx=2048, n_threads=2, n_batch=128), ids)
+    # the first batch is never divided; every later one reads the earlier ones at divided positions
+    assert np.allclose(nll_grouped[:127], nll_plain[:127], rtol=0.05, atol=0.05)
+    ratio = float(np.exp(nll_grouped[127:].mean() - nll_plain[127:].mean()))
+    assert 1.0 < ratio < 1.5, ratio
