@@ -447,7 +447,7 @@ def render_markdown(r: Dict[str, object]) -> str:
     L = int(r.get("n_ctx_train", 0))
     threads = f" --threads {r['threads']}" if r.get("threads") else ""
     n = int(r.get("resumed", 0))
-    resumed = f" (interrupted and continued with `--resume` {'once' if n == 1 else f'{n} times'})" if n else ""
+    resumed = f" (continued with `--resume` {'once' if n == 1 else f'{n} times'})" if n else ""
     lines = [f"# Long-context results: {Path(str(r['model'])).name}", "",
              f"Measured on {r['date']} on {r['machine']}, {r.get('threads') or 'all'} threads, in "
              f"{r.get('minutes', '?')} minutes{resumed}, by one command:", "", "```",
