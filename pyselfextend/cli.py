@@ -124,10 +124,11 @@ def _open_model(args: argparse.Namespace, n_ctx: int, n_batch: int = 512):
 
     if not args.selfextend and (args.group_size is not None or args.window is not None):
         raise ValueError("--no-selfextend cannot be combined with --group-size/--window")
-    if getattr(args, "grp_attn_n", None) is not None and (args.group_size is not None or args.window is not None
-                                                          or not args.selfextend or args.rope_scaling is not None):
+    grp_attn_n = getattr(args, "grp_attn_n", None)  # passkey and perplexity only
+    if grp_attn_n is not None and (args.group_size is not None or args.window is not None or not args.selfextend
+                                   or args.rope_scaling is not None):
         raise ValueError("--grp-attn-n cannot be combined with --group-size/--window, --no-selfextend or --rope-scaling")
-    llm = open_method(args.model, n_ctx, args.threads, n_batch, grp_attn_n=getattr(args, "grp_attn_n", None),
+    llm = open_method(args.model, n_ctx, args.threads, n_batch, grp_attn_n=grp_attn_n,
                       verbose=args.verbose, group_size=args.group_size, window=args.window,
                       selfextend=args.selfextend, rope_scaling=args.rope_scaling, rope_factor=args.rope_factor)
     print(f"pyselfextend: {llm.plan.describe()}", file=sys.stderr)

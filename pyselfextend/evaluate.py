@@ -158,7 +158,6 @@ def run_evaluation(model: str, out: Path, lengths: List[int], depths: List[float
 
     keys = passkey_keys(0, lengths, depths, 1)
     for name in methods:
-        spec = METHODS[name]
         report["passkey"][name] = []
         for n in lengths if name == "SelfExtend" else baseline_lengths:
             kept = [t for t in (earlier or {}).get("passkey", {}).get(name, []) if t["target_length"] == n]
@@ -166,8 +165,7 @@ def run_evaluation(model: str, out: Path, lengths: List[int], depths: List[float
                 log(f"passkey: {name} at {n}: kept from the earlier run")
             else:
                 kept = run_passkey(path, [n], depths, trials=1, n_threads=threads, log=log, keys=keys,
-                                   selfextend=spec.get("selfextend", True), rope_scaling=spec.get("rope_scaling"),
-                                   grp_attn_n=spec.get("grp_attn_n"), show_progress=True)
+                                   show_progress=True, **METHODS[name])
             report["passkey"][name] += kept
             save()
 
