@@ -1,5 +1,6 @@
 // pyselfextend._engine: the C++ engine as a Python extension. Compute runs without the GIL.
 #include "engine.h"
+#include "host_memory.h"
 #include "reference.h"
 #include "vocab.h"
 
@@ -33,6 +34,15 @@ std::vector<int32_t> to_tokens(const py::handle & obj) {
         out.push_back((int32_t) v);
     }
     return out;
+}
+
+// Python ints are unbounded: say which option is out of the engine's int32 range instead of
+// pybind11's "incompatible function arguments". The engine checks the rest of each rule.
+int32_t narrow(const char * name, int64_t value) {
+    if (value < INT32_MIN || value > INT32_MAX) {
+        throw std::invalid_argument(std::string(name) + " = " + std::to_string(value) + " is out of range");
+    }
+    return (int32_t) value;
 }
 
 ggml_type cache_type_from(const std::string & s) {
@@ -99,7 +109,10 @@ py::array_t<float> attention_probe(py::array_t<float, py::array::c_style | py::a
     {
         kv_cache cache;
         const bool ring = group_size > 1 && path != "portable";
-        cache.init(hp, n, cache_type_from(cache_type), backend, ring ? window + n_batch : 0);
+        cache.init(hp, n, cache_type_from(cache_type), ring ? window + n_batch : 0);
+        require_memory(cache.bytes_needed(backend), "attention_probe's cache");
+        cache.allocate(backend);
+        cache.zero();
         ggml_gallocr_t galloc = ggml_gallocr_new(ggml_backend_get_default_buffer_type(backend));
         std::vector<uint8_t> meta(ggml_tensor_overhead() * 256 + ggml_graph_overhead());
         rope_params rope;
@@ -151,6 +164,7 @@ py::array_t<float> attention_probe(py::array_t<float, py::array::c_style | py::a
 PYBIND11_MODULE(_engine, m) {
     m.doc() = "pyselfextend's C++ engine (GGUF llama-family inference on ggml).";
     py::register_exception<eval_aborted>(m, "EvalAborted", PyExc_RuntimeError);
+    py::register_exception<not_enough_memory>(m, "NotEnoughMemory", PyExc_MemoryError);
     m.attr("__version__") = PYSELFEXTEND_VERSION;
     m.def("set_verbose", &set_verbose_logging, py::arg("verbose"),
           "Show all libllama/ggml log messages on stderr (default: errors only).");
@@ -176,7 +190,7 @@ PYBIND11_MODULE(_engine, m) {
         .def_property_readonly("weight_types", &gguf_model::weight_types);
 
     py::class_<engine>(m, "Engine", "A model with its KV cache and CPU compute threads.")
-        .def(py::init([](std::shared_ptr<gguf_model> model, int32_t n_ctx, int32_t n_batch, int32_t n_threads,
+        .def(py::init([](std::shared_ptr<gguf_model> model, int64_t n_ctx, int64_t n_batch, int64_t n_threads,
                          const std::string & cache_type, int32_t group_size, int32_t window, const std::string & path,
                          const std::string & rope_scaling, float rope_factor) {
                  engine_params p;
@@ -193,9 +207,9 @@ PYBIND11_MODULE(_engine, m) {
                      throw std::invalid_argument("attention_path must be 'auto', 'fused' or 'portable', got '" + path + "'");
                  }
                  p.path = path == "auto" ? pc::automatic : path == "fused" ? pc::fused : pc::portable;
-                 p.n_ctx = n_ctx;
-                 p.n_batch = n_batch;
-                 p.n_threads = n_threads;
+                 p.n_ctx = narrow("n_ctx", n_ctx);
+                 p.n_batch = narrow("n_batch", n_batch);
+                 p.n_threads = narrow("n_threads", n_threads);
                  p.cache_type = cache_type_from(cache_type);
                  return new engine(std::move(model), p);
              }),
@@ -216,7 +230,9 @@ PYBIND11_MODULE(_engine, m) {
         .def("set_n_threads", &engine::set_n_threads)
         .def_property_readonly("n_past", &engine::n_past)
         .def_property_readonly("n_ctx", [](const engine & e) { return e.params().n_ctx; })
+        .def_property_readonly("n_batch", [](const engine & e) { return e.params().n_batch; })
         .def_property_readonly("cache_bytes", &engine::cache_bytes)
+        .def_property_readonly("compute_bytes", &engine::compute_bytes)
         .def_property_readonly("group_size", [](const engine & e) { return e.params().group_size; })
         .def_property_readonly("window", [](const engine & e) { return e.params().window; });
     m.def("_attention_probe", &attention_probe, py::arg("q"), py::arg("k"), py::arg("v"), py::arg("group_size"),

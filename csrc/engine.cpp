@@ -1,7 +1,10 @@
 #include "engine.h"
 
+#include "host_memory.h"
+
 #include "ggml-cpu.h"
 
+#include <algorithm>
 #include <stdexcept>
 #include <string>
 
@@ -11,6 +14,7 @@ engine::engine(std::shared_ptr<gguf_model> model, const engine_params & params)
     : model_(std::move(model)), params_(params) {
     if (params_.n_ctx < 1) throw std::invalid_argument("n_ctx must be >= 1, got " + std::to_string(params_.n_ctx));
     if (params_.n_batch < 1) throw std::invalid_argument("n_batch must be >= 1, got " + std::to_string(params_.n_batch));
+    params_.n_batch = std::min(params_.n_batch, params_.n_ctx);  // a batch never holds more than the context
     if (params_.n_threads < 1 || params_.n_threads > 512) {
         throw std::invalid_argument("n_threads must be in [1, 512], got " + std::to_string(params_.n_threads));
     }
@@ -35,32 +39,71 @@ engine::engine(std::shared_ptr<gguf_model> model, const engine_params & params)
         rope_override_.freq_scale_mul = 1.0f / params_.rope_factor;
         rope_override_.ext_factor = params_.scaling == engine_params::rope_scaling::yarn ? 1.0f : 0.0f;
     }
-    backend_ = ggml_backend_cpu_init();
-    if (!backend_) throw std::runtime_error("cannot initialise the ggml CPU backend");
-    ggml_backend_cpu_set_n_threads(backend_, params_.n_threads);
+    backend_.reset(ggml_backend_cpu_init());
+    if (!backend_.get()) throw std::runtime_error("cannot initialise the ggml CPU backend");
+    ggml_backend_cpu_set_n_threads(backend_.get(), params_.n_threads);
     // The fused kernel is a CPU custom op; any other backend runs the portable path.
     path_ = params_.path == engine_params::path_choice::portable ||
-                    (params_.path == engine_params::path_choice::automatic && !ggml_backend_is_cpu(backend_))
+                    (params_.path == engine_params::path_choice::automatic && !ggml_backend_is_cpu(backend_.get()))
                 ? attention_path::portable : attention_path::fused;
-    ggml_backend_cpu_set_abort_callback(backend_, [](void * data) { return ((std::atomic<bool> *) data)->load(); }, &abort_);
+    ggml_backend_cpu_set_abort_callback(backend_.get(), [](void * data) { return ((std::atomic<bool> *) data)->load(); }, &abort_);
     // The fused path keeps neighbor keys in a ring that must hold W + one batch of keys.
     ring_size_ = G > 1 && path_ == attention_path::fused ? W + params_.n_batch : 0;
-    cache_.init(model_->hp, params_.n_ctx, params_.cache_type, backend_, ring_size_);
-    galloc_ = ggml_gallocr_new(ggml_backend_get_default_buffer_type(backend_));
+    cache_.init(model_->hp, params_.n_ctx, params_.cache_type, ring_size_);
+    // The weights (mapped), the cache and the compute buffers must fit together.
+    cache_bytes_ = cache_.bytes_needed(backend_.get());
+    const std::string what = "n_ctx=" + std::to_string(params_.n_ctx) + " with batches of " +
+                             std::to_string(params_.n_batch) + " tokens";
+    const std::string cache_what = "a " + std::string(ggml_type_name(params_.cache_type)) + " KV cache of " +
+                                   format_bytes(cache_bytes_) + " (" + format_bytes(cache_bytes_ / params_.n_ctx * 1024) +
+                                   " per 1k tokens)";
+    require_memory(model_->file_size + cache_bytes_, what + ": weights " + format_bytes(model_->file_size) + " and " +
+                                                     cache_what);
+    cache_.allocate(backend_.get());  // not touched yet: the memory is still available to the check below
+    galloc_.reset(ggml_gallocr_new(ggml_backend_get_default_buffer_type(backend_.get())));
     const size_t max_nodes = llama_graph_max_nodes(*model_);
     graph_meta_.resize(ggml_tensor_overhead() * max_nodes + ggml_graph_overhead_custom(max_nodes, false));
+    compute_bytes_ = measure_compute_bytes();
+    require_memory(model_->file_size + cache_bytes_ + compute_bytes_,
+                   what + ": weights " + format_bytes(model_->file_size) + ", " + cache_what + " and compute buffers of " +
+                   format_bytes(compute_bytes_));
+    cache_.zero();
+}
+
+size_t engine::measure_compute_bytes() {
+    // The largest graph: a full batch at the end of the context.
+    ggml_init_params ip = {graph_meta_.size(), graph_meta_.data(), /*no_alloc =*/ true};
+    ggml_context * ctx = ggml_init(ip);
+    llama_graph_inputs in;
+    const int32_t n_tokens = params_.n_batch;
+    ggml_cgraph * gf = build_llama_graph(ctx, *model_, cache_, attention_cfg(), rope_override_,
+                                         params_.n_ctx - n_tokens, n_tokens, 1, in);
+    size_t bytes = 0;
+    // A measuring allocator of its own: after a size-only reserve, an allocator believes its
+    // (never allocated) buffer fits any graph of the same shape.
+    ggml_gallocr_ptr measure(ggml_gallocr_new(ggml_backend_get_default_buffer_type(backend_.get())));
+    ggml_gallocr_reserve_n_size(measure.get(), gf, nullptr, nullptr, &bytes);
+    ggml_free(ctx);
+    return bytes;
+}
+
+attention_config engine::attention_cfg() const {
+    attention_config attn;
+    attn.group_size = params_.group_size;
+    attn.window = params_.window;
+    attn.path = path_;
+    attn.n_threads = params_.n_threads;
+    attn.ring_size = ring_size_;
+    return attn;
 }
 
 int64_t selfextend_usable_length(int32_t n_ctx_train, int32_t group_size, int32_t window) {
     return (int64_t) (n_ctx_train - window) * group_size + window;
 }
 
-engine::~engine() {
-    if (galloc_) ggml_gallocr_free(galloc_);
-    // cache_ frees its buffer in its own destructor, which runs after this body; the backend
-    // must outlive nothing that refers to it, the CPU buffers do not.
-    if (backend_) ggml_backend_free(backend_);
-}
+// Members are released in reverse order of declaration: the cache's buffer, then the allocator,
+// then the backend (also when the constructor throws).
+engine::~engine() = default;
 
 void engine::truncate(int32_t n) {
     if (n < 0 || n > cache_.n_past) {
@@ -78,14 +121,14 @@ void engine::refill_ring(int32_t lo, int32_t hi) {
     ggml_set_input(pos);
     const rope_params rope = make_rope_params(*model_, &rope_override_);
     for (int il = 0; il < model_->hp.n_layer; ++il) build_ring_refill(ctx, gf, cache_, il, lo, hi, pos, rope, model_->hp.head_dim);
-    if (!ggml_gallocr_alloc_graph(galloc_, gf)) {
+    if (!ggml_gallocr_alloc_graph(galloc_.get(), gf)) {
         ggml_free(ctx);
         throw std::runtime_error("cannot allocate the ring refill graph");
     }
     std::vector<int32_t> delta(hi - lo);
     for (int32_t j = lo; j < hi; ++j) delta[j - lo] = j - j / params_.group_size;
     ggml_backend_tensor_set(pos, delta.data(), 0, delta.size() * sizeof(int32_t));
-    const ggml_status status = ggml_backend_graph_compute(backend_, gf);
+    const ggml_status status = ggml_backend_graph_compute(backend_.get(), gf);
     ggml_free(ctx);
     if (status != GGML_STATUS_SUCCESS) throw std::runtime_error("ring refill failed");
 }
@@ -93,28 +136,23 @@ void engine::refill_ring(int32_t lo, int32_t hi) {
 void engine::set_n_threads(int32_t n_threads) {
     if (n_threads < 1 || n_threads > 512) throw std::invalid_argument("n_threads must be in [1, 512]");
     params_.n_threads = n_threads;
-    ggml_backend_cpu_set_n_threads(backend_, n_threads);
+    ggml_backend_cpu_set_n_threads(backend_.get(), n_threads);
 }
 
 void engine::eval_batch(const int32_t * tokens, int32_t n_tokens, int32_t n_outputs, float * logits_out) {
     ggml_init_params ip = {graph_meta_.size(), graph_meta_.data(), /*no_alloc =*/ true};
     ggml_context * ctx = ggml_init(ip);
     llama_graph_inputs in;
-    attention_config attn;
-    attn.group_size = params_.group_size;
-    attn.window = params_.window;
-    attn.path = path_;
-    attn.n_threads = params_.n_threads;
-    attn.ring_size = ring_size_;
-    ggml_cgraph * gf = build_llama_graph(ctx, *model_, cache_, attn, rope_override_, cache_.n_past, n_tokens, n_outputs, in);
-    if (!ggml_gallocr_alloc_graph(galloc_, gf)) {
+    ggml_cgraph * gf = build_llama_graph(ctx, *model_, cache_, attention_cfg(), rope_override_, cache_.n_past, n_tokens,
+                                         n_outputs, in);
+    if (!ggml_gallocr_alloc_graph(galloc_.get(), gf)) {
         ggml_free(ctx);
         throw std::runtime_error("cannot allocate compute buffers for a batch of " + std::to_string(n_tokens));
     }
     ggml_backend_tensor_set(in.tokens, tokens, 0, (size_t) n_tokens * sizeof(int32_t));
     set_attention_batch_inputs(in.attn);
 
-    const ggml_status status = ggml_backend_graph_compute(backend_, gf);
+    const ggml_status status = ggml_backend_graph_compute(backend_.get(), gf);
     if (status == GGML_STATUS_SUCCESS && in.logits && logits_out) {
         ggml_backend_tensor_get(in.logits, logits_out, 0, ggml_nbytes(in.logits));
     }

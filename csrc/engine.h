@@ -4,6 +4,7 @@
 #include "llama_graph.h"
 
 #include "ggml-alloc.h"
+#include "ggml-cpp.h"
 
 #include <atomic>
 #include <functional>
@@ -59,22 +60,26 @@ public:
     int32_t n_past() const { return cache_.n_past; }
     const engine_params & params() const { return params_; }
     const gguf_model & model() const { return *model_; }
-    size_t cache_bytes() const { return cache_.bytes(); }
+    size_t cache_bytes() const { return cache_bytes_; }
+    size_t compute_bytes() const { return compute_bytes_; }  // of the largest batch's graph
     void set_n_threads(int32_t n_threads);
 
 private:
     std::shared_ptr<gguf_model> model_;
     engine_params params_;
-    ggml_backend_t backend_ = nullptr;
-    ggml_gallocr_t galloc_ = nullptr;
+    ggml_backend_ptr backend_;
+    ggml_gallocr_ptr galloc_;
     kv_cache cache_;
     std::vector<uint8_t> graph_meta_;  // memory for tensor and graph descriptors
     std::atomic<bool> abort_{false};
     attention_path path_ = attention_path::fused;  // resolved from params_.path
     int32_t ring_size_ = 0;                         // neighbor-key ring rows (fused SelfExtend)
     engine_rope_override rope_override_;
+    size_t cache_bytes_ = 0, compute_bytes_ = 0;
 
     void refill_ring(int32_t lo, int32_t hi);
+    attention_config attention_cfg() const;
+    size_t measure_compute_bytes();  // compute buffer bytes of the largest batch graph
 
     void eval_batch(const int32_t * tokens, int32_t n_tokens, int32_t n_outputs, float * logits_out);
 };

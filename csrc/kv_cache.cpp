@@ -9,7 +9,7 @@ kv_cache::~kv_cache() {
     if (ctx) ggml_free(ctx);
 }
 
-void kv_cache::init(const llama_hparams & hp, int32_t n_ctx_, ggml_type type_, ggml_backend_t backend, int32_t ring_size_) {
+void kv_cache::init(const llama_hparams & hp, int32_t n_ctx_, ggml_type type_, int32_t ring_size_) {
     if (type_ != GGML_TYPE_F16 && type_ != GGML_TYPE_F32) throw std::invalid_argument("KV cache type must be f16 or f32");
     type = type_;
     n_ctx = n_ctx_;
@@ -30,8 +30,18 @@ void kv_cache::init(const llama_hparams & hp, int32_t n_ctx_, ggml_type type_, g
         }
     }
     ring_size = ring_size_;
+}
+
+size_t kv_cache::bytes_needed(ggml_backend_t backend) const {
+    return ggml_backend_alloc_ctx_tensors_from_buft_size(ctx, ggml_backend_get_default_buffer_type(backend));
+}
+
+void kv_cache::allocate(ggml_backend_t backend) {
     buffer = ggml_backend_alloc_ctx_tensors(ctx, backend);
     if (!buffer) throw std::runtime_error("cannot allocate the KV cache (" + std::to_string(n_ctx) + " tokens)");
+}
+
+void kv_cache::zero() {
     // Unwritten cells are never read unmasked, but zeros keep any masked-out product finite.
     ggml_backend_buffer_clear(buffer, 0);
 }

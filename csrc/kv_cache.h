@@ -24,8 +24,13 @@ struct kv_cache {
     kv_cache & operator=(const kv_cache &) = delete;
     ~kv_cache();
 
-    // Allocates (zeroed) storage for n_ctx tokens on the given backend.
-    void init(const llama_hparams & hp, int32_t n_ctx, ggml_type type, ggml_backend_t backend, int32_t ring_size = 0);
+    // Describes the cache for n_ctx tokens; nothing is allocated yet, so that its size can be
+    // checked against the machine's memory first.
+    void init(const llama_hparams & hp, int32_t n_ctx, ggml_type type, int32_t ring_size = 0);
+    size_t bytes_needed(ggml_backend_t backend) const;
+    // Allocates the storage on the backend; zero() clears it (touching every page).
+    void allocate(ggml_backend_t backend);
+    void zero();
     void clear() { n_past = 0; }
     size_t bytes() const;
 };

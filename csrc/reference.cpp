@@ -1,5 +1,7 @@
 #include "reference.h"
 
+#include "host_memory.h"
+
 #include "llama.h"
 
 #include <algorithm>
@@ -20,6 +22,18 @@ reference_model::reference_model(const std::string & path, int32_t n_ctx, int32_
     mp.n_gpu_layers = 0;
     model_ = llama_model_load_from_file(path.c_str(), mp);
     if (!model_) throw std::invalid_argument(path + ": llama.cpp could not load the model");
+    {
+        // libllama would allocate and clear its f16 cache whatever its size: check it first.
+        const size_t head_dim = (size_t) llama_model_n_embd(model_) / (size_t) llama_model_n_head(model_);
+        const size_t cache_bytes = 2 * sizeof(ggml_fp16_t) * (size_t) llama_model_n_layer(model_) * (size_t) n_ctx *
+                                   head_dim * (size_t) llama_model_n_head_kv(model_);
+        try {
+            require_memory(cache_bytes, "llama.cpp with n_ctx=" + std::to_string(n_ctx));
+        } catch (...) {
+            llama_model_free(model_);
+            throw;
+        }
+    }
     llama_context_params cp = llama_context_default_params();
     cp.n_ctx = n_ctx;
     cp.n_batch = n_batch;

@@ -33,12 +33,6 @@ import numpy as np
 ENGINES = ["selfextend", "ordinary", "llama.cpp-fa", "llama.cpp"]
 
 
-def parse_depths(text: str) -> List[int]:
-    from .cli import parse_size
-
-    return sorted({0 if p.strip() == "0" else parse_size(p) for p in text.split(",")})
-
-
 def _worker(engine: str, path: str, threads: int, depths: List[int], n_prompt: int, n_gen: int, reps: int) -> Dict:
     """Runs one engine through every depth in this process; returns speeds and peak RSS."""
     from . import _engine
@@ -95,7 +89,7 @@ def run_bench(args: argparse.Namespace) -> int:
 
     path = str(resolve_model(args.model))
     threads = args.threads or _default_threads()
-    depths = parse_depths(args.depths)
+    depths = sorted(set(args.depths))
     engines = [e.strip() for e in args.engines.split(",")]
     for e in engines:
         if e not in ENGINES:
@@ -158,5 +152,9 @@ def run_bench(args: argparse.Namespace) -> int:
 
 if __name__ == "__main__" and len(sys.argv) > 1 and sys.argv[1] == "--worker":
     _, _, engine, path, threads, depths, n_prompt, n_gen, reps = sys.argv
-    json.dump(_worker(engine, path, int(threads), [int(d) for d in depths.split(",")], int(n_prompt), int(n_gen),
-                      int(reps)), sys.stdout)
+    try:
+        json.dump(_worker(engine, path, int(threads), [int(d) for d in depths.split(",")], int(n_prompt), int(n_gen),
+                          int(reps)), sys.stdout)
+    except (ValueError, MemoryError, RuntimeError, OSError) as e:  # said once, by the parent's error line
+        print(f"pyselfextend bench: {engine}: {e}", file=sys.stderr)
+        sys.exit(1)

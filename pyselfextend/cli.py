@@ -19,7 +19,12 @@ positions in groups of --group-size; by default both are chosen for --ctx and re
 
 Generated text goes to stdout; logs and progress go to stderr. MODEL is a GGUF file or a
 catalogue name; without --model the default model is used (fetch it first with
-'pyselfextend pull'). Sizes such as --ctx accept plain numbers or 'k' suffixes (16k = 16384).
+'pyselfextend pull'). Sizes such as --ctx accept plain numbers or binary suffixes: 16k = 16384,
+1m = 1048576. A context's memory (weights, KV cache, compute buffers) is printed on stderr and
+checked against the memory the machine has available before anything is allocated.
+
+Exit status: 0 on success, 1 on an error (a one-line message on stderr), 2 on a usage error,
+130 when interrupted.
 """
 
 EPILOG = """\
@@ -48,6 +53,32 @@ def parse_size(text: str) -> int:
     if value < 1:
         raise argparse.ArgumentTypeError(f"size must be positive: {text!r}")
     return value
+
+
+def parse_size_list(text: str, *, allow_zero: bool = False) -> List[int]:
+    """'4k,12k' -> [4096, 12288]: comma-separated sizes, each as parse_size ('0' too with allow_zero)."""
+    items = [t.strip() for t in str(text).split(",")]
+    if not all(items):
+        raise argparse.ArgumentTypeError(f"empty item in the list {text!r}")
+    return [0 if allow_zero and t == "0" else parse_size(t) for t in items]
+
+
+def _depth_list(text: str) -> List[int]:
+    return parse_size_list(text, allow_zero=True)
+
+
+def _fraction_list(text: str) -> List[float]:
+    """'0.1,0.5,0.9' -> [0.1, 0.5, 0.9]: fractions of a prompt, each in [0, 1]."""
+    out = []
+    for t in str(text).split(","):
+        try:
+            value = float(t)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"not a fraction: {t.strip()!r} (use e.g. 0.1,0.5,0.9)") from None
+        if not 0.0 <= value <= 1.0:
+            raise argparse.ArgumentTypeError(f"fractions must be in [0, 1], got {t.strip()!r}")
+        out.append(value)
+    return out
 
 
 def _positive_int(text: str) -> int:
@@ -102,19 +133,28 @@ def _add_generation_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--top-p", type=float, default=0.95, metavar="P", help="nucleus sampling threshold (default 0.95)")
     p.add_argument("--min-p", type=float, default=0.05, metavar="P", help="drop tokens below P x the top probability (default 0.05)")
     p.add_argument("--repeat-penalty", type=float, default=1.0, metavar="R", help="penalty for recent tokens (default 1.0: off)")
-    p.add_argument("--seed", type=int, default=None, metavar="S", help="random seed for repeatable sampling")
+    p.add_argument("--seed", type=int, default=None, metavar="S",
+                   help="random seed for repeatable sampling (default, or -1: a fresh seed each run)")
     p.add_argument("--stop", action="append", default=None, metavar="TEXT", help="stop before TEXT (repeatable)")
+
+
+def _utf8(data: bytes, source: str) -> str:
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise ValueError(f"{source} is not UTF-8 text: byte 0x{data[e.start]:02x} at offset {e.start}") from None
 
 
 def _read_prompt(args: argparse.Namespace) -> str:
     if args.prompt is not None:
-        return args.prompt
+        # Arguments that are not UTF-8 reach Python as lone surrogates; these are their bytes.
+        return _utf8(args.prompt.encode("utf-8", "surrogateescape"), "--prompt")
     if args.prompt_file is not None:
-        with open(args.prompt_file, encoding="utf-8") as f:
-            return f.read()
+        with open(args.prompt_file, "rb") as f:
+            return _utf8(f.read(), args.prompt_file)
     if sys.stdin is None or sys.stdin.isatty():
         raise ValueError("no prompt: give --prompt TEXT, --prompt-file FILE, or pipe text on stdin")
-    return sys.stdin.read()
+    return _utf8(sys.stdin.buffer.read(), "stdin")
 
 
 def _open_model(args: argparse.Namespace, n_ctx: int, n_batch: int = 512):
@@ -132,7 +172,15 @@ def _open_model(args: argparse.Namespace, n_ctx: int, n_batch: int = 512):
                       verbose=args.verbose, group_size=args.group_size, window=args.window,
                       selfextend=args.selfextend, rope_scaling=args.rope_scaling, rope_factor=args.rope_factor)
     print(f"pyselfextend: {llm.plan.describe()}", file=sys.stderr)
+    memory = getattr(llm, "memory", None)  # LocalModel's; the llama.cpp baseline has its own
+    if memory:
+        print(f"pyselfextend: memory {_mib(sum(memory.values()))}: weights {_mib(memory['weights'])}, KV cache "
+              f"{_mib(memory['kv_cache'])}, compute buffers {_mib(memory['compute'])}", file=sys.stderr)
     return llm
+
+
+def _mib(n: int) -> str:
+    return f"{n / 2**30:.1f} GiB" if n >= 2**30 else f"{n / 2**20:.0f} MiB"
 
 
 def _run_generation(args: argparse.Namespace, chat: bool) -> int:
@@ -144,7 +192,7 @@ def _run_generation(args: argparse.Namespace, chat: bool) -> int:
                   min_p=args.min_p, repeat_penalty=args.repeat_penalty, seed=args.seed, stop=args.stop,
                   stream=True, progress=ProgressBar())
     if chat:
-        pieces = llm.chat([{"role": "user", "content": prompt}], **kwargs)
+        pieces = llm.chat([{"role": "user", "content": prompt}], chat_template=args.chat_template, **kwargs)
     else:
         pieces = llm.generate(prompt, **kwargs)
     for piece in pieces:
@@ -202,14 +250,7 @@ def cmd_passkey(args: argparse.Namespace) -> int:
 
     if not args.selfextend and (args.group_size is not None or args.window is not None):
         raise ValueError("--no-selfextend cannot be combined with --group-size/--window")
-    lengths = [parse_size(x) for x in args.lengths.split(",")]
-    depths = []
-    for x in args.depths.split(","):
-        try:
-            depths.append(float(x))
-        except ValueError:
-            raise ValueError(f"not a depth: {x!r} (use fractions such as 0.1,0.5,0.9)") from None
-    results = run_passkey(str(models.resolve_model(args.model)), lengths, depths, args.trials, args.seed,
+    results = run_passkey(str(models.resolve_model(args.model)), args.lengths, args.depths, args.trials, args.seed,
                           args.group_size, args.window, args.selfextend, args.threads,
                           rope_scaling=args.rope_scaling, rope_factor=args.rope_factor, grp_attn_n=args.grp_attn_n, show_progress=True,
                           log=lambda msg: print(msg, file=sys.stderr, flush=True))
@@ -249,12 +290,12 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     for m in methods:
         if m not in METHODS:
             raise ValueError(f"unknown method {m!r}; choose from {', '.join(METHODS)}")
-    lengths = [parse_size(x) for x in args.lengths.split(",")]
+    lengths = args.lengths
     if args.baseline_lengths:
-        baseline_lengths = [parse_size(x) for x in args.baseline_lengths.split(",")]
+        baseline_lengths = args.baseline_lengths
     else:  # the leading lengths up to 16k: past that the baselines have long since failed
         baseline_lengths = list(itertools.takewhile(lambda n: n <= 16384, lengths)) or lengths[:1]
-    run_evaluation(args.model, Path(args.out), lengths, [float(x) for x in args.depths.split(",")], args.ppl_ctx,
+    run_evaluation(args.model, Path(args.out), lengths, args.depths, args.ppl_ctx,
                    args.bucket, args.bench_depths, args.threads, Path(args.document) if args.document else None,
                    methods, bench=not args.no_bench, baseline_lengths=baseline_lengths, resume=args.resume)
     print(f"results written to {args.out}/results.md", file=sys.stderr)
@@ -292,6 +333,9 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Answer one user message, formatted with the model's own chat template.")
     _add_model_args(p)
     _add_generation_args(p)
+    p.add_argument("--chat-template", default=None, metavar="NAME",
+                   help="a chat template instead of the model's own: one of llama.cpp's built-in names (chatml, "
+                        "llama3, mistral-v7, phi3, gemma, ...) or a template text")
     p.set_defaults(func=lambda a: _run_generation(a, chat=True))
 
     p = sub.add_parser("passkey", help="passkey retrieval accuracy by prompt length and key depth",
@@ -299,8 +343,10 @@ def build_parser() -> argparse.ArgumentParser:
                                    "filler text, then asked for, decoded greedily. Prints a length x depth table "
                                    "of correct/total answers, or every trial as JSON.")
     _add_model_args(p)
-    p.add_argument("--lengths", default="4k", metavar="LIST", help="prompt lengths in tokens, e.g. 4k,12k,16k")
-    p.add_argument("--depths", default="0.1,0.5,0.9", metavar="LIST", help="key depths, fractions of the filler")
+    p.add_argument("--lengths", type=parse_size_list, default=[4096], metavar="LIST",
+                   help="prompt lengths in tokens, e.g. 4k,12k,16k (default 4k)")
+    p.add_argument("--depths", type=_fraction_list, default=[0.1, 0.5, 0.9], metavar="LIST",
+                   help="key depths, fractions of the filler (default 0.1,0.5,0.9)")
     p.add_argument("--trials", type=_positive_int, default=1, metavar="N", help="trials per cell (default 1)")
     p.add_argument("--seed", type=int, default=0, metavar="S", help="seed for the keys (default 0)")
     _add_selfextend_args(p)
@@ -328,14 +374,16 @@ def build_parser() -> argparse.ArgumentParser:
                        formatter_class=argparse.RawDescriptionHelpFormatter)
     _add_model_args(p)
     p.add_argument("--out", default="docs", metavar="DIR", help="where results.md, results.json and the plot go")
-    p.add_argument("--lengths", default="12k,16k,20k", metavar="LIST",
+    p.add_argument("--lengths", type=parse_size_list, default=[12288, 16384, 20480], metavar="LIST",
                    help="passkey lengths for SelfExtend (default 12k,16k,20k: the whole run fits in two hours on two cores)")
-    p.add_argument("--baseline-lengths", default=None, metavar="LIST",
+    p.add_argument("--baseline-lengths", type=parse_size_list, default=None, metavar="LIST",
                    help="passkey lengths for the baselines, the first of --lengths (default: those up to 16k)")
-    p.add_argument("--depths", default="0.1,0.5,0.9", metavar="LIST", help="passkey depths (default 0.1,0.5,0.9)")
+    p.add_argument("--depths", type=_fraction_list, default=[0.1, 0.5, 0.9], metavar="LIST",
+                   help="passkey depths (default 0.1,0.5,0.9)")
     p.add_argument("--ppl-ctx", type=parse_size, default=16384, metavar="N", help="perplexity tokens (default 16k)")
     p.add_argument("--bucket", type=parse_size, default=2048, metavar="N", help="perplexity bucket (default 2k)")
-    p.add_argument("--bench-depths", default="0,4k,8k,16k", metavar="LIST", help="bench depths")
+    p.add_argument("--bench-depths", type=_depth_list, default=[0, 4096, 8192, 16384], metavar="LIST",
+                   help="bench depths (default 0,4k,8k,16k)")
     p.add_argument("--document", metavar="FILE", help="perplexity document (default: GNU Coding Standards)")
     p.add_argument("--methods", default="SelfExtend,ordinary,llama.cpp grp-attn 4,YaRN", metavar="LIST",
                    help="methods to compare (default: all four)")
@@ -352,7 +400,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_model_args(p)
     p.add_argument("--n-prompt", type=_positive_int, default=512, metavar="N", help="prefill tokens (default 512)")
     p.add_argument("--n-gen", type=_positive_int, default=128, metavar="N", help="decoded tokens (default 128)")
-    p.add_argument("--depths", default="0", metavar="LIST",
+    p.add_argument("--depths", type=_depth_list, default=[0], metavar="LIST",
                    help="comma-separated cache depths to measure at, e.g. 0,4k,8k (default 0)")
     p.add_argument("--engines", default=",".join(["selfextend", "ordinary", "llama.cpp-fa", "llama.cpp"]),
                    metavar="LIST", help="engines to run (default: all four)")
@@ -374,7 +422,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     except KeyboardInterrupt:
         print("\ninterrupted", file=sys.stderr)
         return 130
-    except (ValueError, FileNotFoundError, RuntimeError, OSError) as e:
+    except (ValueError, RuntimeError, OSError, MemoryError) as e:  # MemoryError: NotEnoughMemory's message
         print(f"pyselfextend: error: {e}", file=sys.stderr)
         return 1
 

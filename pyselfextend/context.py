@@ -90,9 +90,18 @@ def plan_context(n_ctx: int, n_ctx_train: int, group_size: Optional[int] = None,
         w = window if window is not None else L // 4
         group_size = max(1, -(-(n_ctx - w) // (L - w)))  # smallest G with (L - W) * G + W >= n_ctx
         if window is None:
+            if group_size > w:  # W is a multiple of G: a group wider than the window leaves none
+                raise ValueError(
+                    f"n_ctx={n_ctx} is too far past the trained context {L} for SelfExtend's default window "
+                    f"W={w}: it needs group_size={group_size} > W; the default window reaches at most "
+                    f"{usable_length(L, w, w)} tokens (give group_size and window to choose otherwise)")
             window = w - w % group_size if group_size > 1 else w
     elif window is None:
-        window = (L // 4) - (L // 4) % group_size if group_size > 1 else 0
+        w = L // 4
+        if 1 < group_size and w < group_size:
+            raise ValueError(f"group_size={group_size} is wider than the default window W={w} (a quarter of the "
+                             f"trained context {L}); give a window as well")
+        window = w - w % group_size if group_size > 1 else 0
     if group_size == 1:
         if n_ctx > L:
             raise ValueError(f"group_size=1 cannot reach n_ctx={n_ctx}: the trained context is {L}")

@@ -113,7 +113,7 @@ def _run_command() -> Optional[str]:
 
 
 def run_evaluation(model: str, out: Path, lengths: List[int], depths: List[float], ppl_ctx: int, bucket: int,
-                   bench_depths: str, threads: Optional[int], document: Optional[Path],
+                   bench_depths: List[int], threads: Optional[int], document: Optional[Path],
                    methods: List[str], bench: bool = True,
                    baseline_lengths: Optional[List[int]] = None, resume: bool = False) -> Dict[str, object]:
     """Runs everything and writes results.json (after every step), perplexity.png and results.md.
@@ -127,7 +127,6 @@ def run_evaluation(model: str, out: Path, lengths: List[int], depths: List[float
     are kept as they are and only the rest runs. ``minutes`` counts the time of every step kept."""
     from . import _engine
     from .baselines import open_method
-    from .bench import parse_depths
     from .models import resolve_model
     from .passkey import passkey_keys, run_passkey
     from .perplexity import plot, summarize, token_nll
@@ -193,10 +192,10 @@ def run_evaluation(model: str, out: Path, lengths: List[int], depths: List[float
     if bench:
         kept = (earlier or {}).get("bench")
         if (kept and "seconds" in kept and kept.get("repetitions") == BENCH_REPETITIONS
-                and list(next(iter(kept["engines"].values()))["depths"]) == [str(d) for d in parse_depths(bench_depths)]):
+                and list(next(iter(kept["engines"].values()))["depths"]) == [str(d) for d in sorted(set(bench_depths))]):
             log("bench: kept from the earlier run")
         else:
-            cmd = [sys.executable, "-m", "pyselfextend", "bench", "--model", path, "--depths", bench_depths, "--json",
+            cmd = [sys.executable, "-m", "pyselfextend", "bench", "--model", path, "--depths", ",".join(map(str, bench_depths)), "--json",
                    "--repetitions", str(BENCH_REPETITIONS)]
             if threads:
                 cmd += ["--threads", str(threads)]

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import codecs
 import os
+import threading
 import warnings
 from pathlib import Path
 from typing import Callable, Dict, Iterator, List, Optional, Sequence, Union
@@ -27,6 +28,28 @@ def model_facts(model: "_engine.Model") -> Dict[str, object]:
         "n_head_kv": m.n_head_kv, "head_dim": m.head_dim, "n_ff": m.n_ff, "n_vocab": m.n_vocab,
         "rope_freq_base": m.rope_freq_base, "weight_types": list(m.weight_types), "file_size": m.file_size,
     }
+
+
+def _require_int(name: str, value: object) -> int:
+    """``value`` as an int; TypeError naming ``name`` for anything else (bool, float, str)."""
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
+        raise TypeError(f"{name} must be an integer, got {value!r}")
+    return int(value)
+
+
+def token_ids(ids: object, name: str = "token ids") -> List[int]:
+    """A sequence of token ids as a list of ints; TypeError naming the first item that is not one.
+
+    Whether each id is inside the vocabulary is the engine's check.
+    """
+    if isinstance(ids, (str, bytes, bytearray)):
+        raise TypeError(f"{name} must be a sequence of integers, got {type(ids).__name__}")
+    out = []
+    for i, t in enumerate(ids):  # type: ignore[arg-type]
+        if isinstance(t, bool) or not isinstance(t, (int, np.integer)):
+            raise TypeError(f"{name} must be integers; item {i} is {t!r}")
+        out.append(int(t))
+    return out
 
 
 def _default_threads() -> int:
@@ -57,11 +80,18 @@ class LocalModel:
     * Tokens in, logits out: ``tokenize``, ``eval`` (appends tokens to the cache and returns
       float32 logits), ``reset`` and ``detokenize`` give full control.
 
+    Threads: one model, one cache. Calls from several threads are serialized (a lock): a
+    ``generate`` or ``chat`` without ``stream`` runs whole before the next call starts. A stream
+    owns the cache only between its own steps: any other call on the model (``generate``,
+    ``chat``, ``eval``, ``reset``, another stream) ends it, and its next step raises
+    ``RuntimeError``. For concurrent streams, open one ``LocalModel`` per stream (the weights are
+    memory-mapped, so the file is in memory once).
+
     Args:
         path: GGUF file, catalogue model name, or ``None`` for the default model.
         n_ctx: KV cache capacity in tokens: the longest prompt plus generation.
         n_threads: CPU threads for compute (default: every core this process may use).
-        n_batch: prompt tokens evaluated per graph run.
+        n_batch: prompt tokens evaluated per graph run (at most ``n_ctx``; larger values are capped).
         cache_type: ``"f16"`` (default, as llama.cpp) or ``"f32"`` for the KV cache.
         group_size: SelfExtend G (default: the smallest that reaches ``n_ctx``).
         window: SelfExtend W, the neighbor window (default: a quarter of the trained context).
@@ -77,6 +107,10 @@ class LocalModel:
     Raises:
         FileNotFoundError: the file (or the pulled default model) is missing.
         ValueError: the file is not a usable GGUF model, or an option is out of range.
+        TypeError: an option has the wrong type (``n_ctx=2.5``).
+        NotEnoughMemory: (a ``MemoryError``) the KV cache and compute buffers for ``n_ctx`` and
+            ``n_batch`` do not fit in the memory this machine has available; the message gives
+            the sizes.
 
     The GIL is released while the engine computes, so other Python threads keep running.
     """
@@ -84,6 +118,7 @@ class LocalModel:
     def __init__(
         self,
         path: Optional[PathLike] = None,
+        *,
         n_ctx: int = 4096,
         n_threads: Optional[int] = None,
         n_batch: int = 512,
@@ -96,30 +131,32 @@ class LocalModel:
         rope_factor: Optional[float] = None,
         verbose: bool = False,
     ) -> None:
-        for name, value in (("n_ctx", n_ctx), ("n_batch", n_batch)):
-            if not isinstance(value, (int, np.integer)) or isinstance(value, bool) or value < 1:
-                raise ValueError(f"{name} must be a positive integer, got {value!r}")
-        if n_threads is None:
-            n_threads = _default_threads()
-        if not isinstance(n_threads, (int, np.integer)) or isinstance(n_threads, bool) or not 1 <= n_threads <= 512:
-            raise ValueError(f"n_threads must be an integer in [1, 512], got {n_threads!r}")
-        if cache_type not in ("f16", "f32"):
-            raise ValueError(f"cache_type must be 'f16' or 'f32', got {cache_type!r}")
-        if attention_path not in ("auto", "fused", "portable"):
-            raise ValueError(f"attention_path must be 'auto', 'fused' or 'portable', got {attention_path!r}")
+        # Types here; every range (n_ctx, n_batch, threads, cache type, attention path, memory) is
+        # the engine's to check.
+        n_ctx = _require_int("n_ctx", n_ctx)
+        n_batch = _require_int("n_batch", n_batch)
+        n_threads = _default_threads() if n_threads is None else _require_int("n_threads", n_threads)
+        for name, value in (("cache_type", cache_type), ("attention_path", attention_path)):
+            if not isinstance(value, str):
+                raise TypeError(f"{name} must be a string, got {value!r}")
 
         self.path: Path = resolve_model(None if path is None else os.fspath(path))
         _engine.set_verbose(verbose)
         self._model = _engine.Model(str(self.path))
         self._vocab = _engine.Vocab(str(self.path))
         #: How attention is set up for ``n_ctx``: SelfExtend's group size and window, usable length.
-        self.plan: ContextPlan = plan_context(int(n_ctx), self._model.n_ctx_train, group_size, window, selfextend,
+        self.plan: ContextPlan = plan_context(n_ctx, self._model.n_ctx_train, group_size, window, selfextend,
                                               rope_scaling, rope_factor)
-        self._engine = _engine.Engine(self._model, int(n_ctx), int(n_batch), int(n_threads), cache_type,
+        self._engine = _engine.Engine(self._model, n_ctx, n_batch, n_threads, cache_type,
                                       self.plan.group_size, self.plan.window, attention_path,
                                       self.plan.rope_scaling, self.plan.rope_factor)
-        self.n_threads = int(n_threads)
-        self.n_batch = int(n_batch)
+        self.n_threads = n_threads
+        #: Prompt tokens per graph run (``n_batch`` capped at ``n_ctx``).
+        self.n_batch: int = self._engine.n_batch
+        self._lock = threading.RLock()
+        # Bumped by every call that changes the cache from outside a stream; a stream that finds
+        # it changed since its last step was interrupted.
+        self._cache_epoch = 0
         if not selfextend and rope_scaling in (None, "none") and n_ctx > self._model.n_ctx_train:
             warnings.warn(
                 f"n_ctx={n_ctx} exceeds the model's trained context ({self._model.n_ctx_train}); "
@@ -147,27 +184,46 @@ class LocalModel:
         return self._engine.n_past
 
     @property
+    def memory(self) -> Dict[str, int]:
+        """Bytes this model needs: ``weights`` (the mapped file), ``kv_cache`` (all ``n_ctx``
+        tokens) and ``compute`` (the buffers of the largest batch), checked against the
+        machine's available memory when the model was opened."""
+        return {"weights": self._model.file_size, "kv_cache": self._engine.cache_bytes,
+                "compute": self._engine.compute_bytes}
+
+    @property
     def info(self) -> Dict[str, object]:
         """Architecture, sizes and weight types read from the file."""
         return {
             **model_facts(self._model), "n_ctx": self.n_ctx, "group_size": self.plan.group_size, "window": self.plan.window,
-            "usable_length": self.plan.usable_length,
+            "usable_length": self.plan.usable_length, **{f"memory_{k}": v for k, v in self.memory.items()},
         }
 
     # -- tokens ------------------------------------------------------------------------------
-    def tokenize(self, text: str, add_special: bool = True, parse_special: bool = True) -> List[int]:
+    def tokenize(self, text: str, *, add_special: bool = True, parse_special: bool = True) -> List[int]:
         """Token ids of ``text``, exactly as llama.cpp tokenizes it.
 
         ``add_special`` adds the BOS/EOS tokens the model asks for; ``parse_special`` turns
         special-token text such as ``<|im_start|>`` into those tokens.
+
+        Raises TypeError for anything but ``str`` (decode bytes first), ValueError for text
+        that cannot be UTF-8 (lone surrogates, as bytes that were not UTF-8 become under
+        ``surrogateescape``).
         """
+        if not isinstance(text, str):
+            raise TypeError(f"text must be str, got {type(text).__name__} (decode bytes first, e.g. data.decode('utf-8'))")
+        try:
+            text.encode("utf-8")
+        except UnicodeEncodeError as e:
+            raise ValueError(f"text is not valid Unicode: {text[e.start]!r} at index {e.start} "
+                             "(bytes that were not UTF-8?)") from None
         return list(self._vocab.tokenize(text, add_special, parse_special))
 
-    def detokenize(self, ids: Sequence[int], render_special: bool = False) -> str:
+    def detokenize(self, ids: Sequence[int], *, render_special: bool = False) -> str:
         """Text of token ids (invalid UTF-8 replaced by U+FFFD)."""
-        return bytes(self._vocab.detokenize(list(ids), render_special)).decode("utf-8", errors="replace")
+        return bytes(self._vocab.detokenize(token_ids(ids), render_special)).decode("utf-8", errors="replace")
 
-    def eval(self, ids: Sequence[int], all_logits: bool = False,
+    def eval(self, ids: Sequence[int], *, all_logits: bool = False,
              progress: Optional[ProgressCallback] = None) -> np.ndarray:
         """Appends ``ids`` to the KV cache and returns float32 logits.
 
@@ -176,6 +232,12 @@ class LocalModel:
         each batch; returning ``False`` (or raising) stops the evaluation, keeping the batches
         already done in the cache.
         """
+        ids = token_ids(ids)
+        with self._lock:
+            self._cache_epoch += 1
+            return self._eval(ids, all_logits, progress)
+
+    def _eval(self, ids: List[int], all_logits: bool = False, progress: Optional[ProgressCallback] = None) -> np.ndarray:
         if len(ids) == 0:
             raise ValueError("eval() needs at least one token")
         if self.n_past + len(ids) > self.n_ctx:
@@ -184,12 +246,15 @@ class LocalModel:
 
     def reset(self) -> None:
         """Empties the KV cache."""
-        self._engine.reset()
+        with self._lock:
+            self._cache_epoch += 1
+            self._engine.reset()
 
     # -- text --------------------------------------------------------------------------------
     def generate(
         self,
         prompt: Union[str, Sequence[int]],
+        *,
         max_tokens: int = 256,
         temperature: float = 0.8,
         top_k: int = 40,
@@ -209,33 +274,52 @@ class LocalModel:
         string (which is not returned). Returns the generated text, or with ``stream=True`` an
         iterator of text pieces. ``progress(done, total)`` reports prompt evaluation.
 
-        Raises ValueError when the prompt plus ``max_tokens`` does not fit in ``n_ctx``.
+        Raises ValueError when the prompt plus ``max_tokens`` does not fit in ``n_ctx``,
+        TypeError when ``prompt`` is neither text nor token ids (bytes: decode them first).
         """
-        ids = self.tokenize(prompt) if isinstance(prompt, str) else [int(t) for t in prompt]
+        if isinstance(prompt, str):
+            ids = self.tokenize(prompt)
+        elif isinstance(prompt, (bytes, bytearray)):
+            raise TypeError("prompt must be text (str) or token ids, not bytes; decode it first, e.g. "
+                            "data.decode('utf-8')")
+        else:
+            ids = token_ids(prompt, "prompt token ids")
         pieces = self._generate(ids, max_tokens, SamplingParams(temperature, top_k, top_p, min_p, repeat_penalty,
                                                                 seed=seed), stop, progress)
-        return pieces if stream else "".join(pieces)
+        if stream:
+            return pieces
+        with self._lock:  # the whole generation, before any other thread's call
+            return "".join(pieces)
 
-    def chat(self, messages: Sequence[Dict[str, str]], max_tokens: int = 256, **kwargs) -> Union[str, Iterator[str]]:
+    def chat(self, messages: Sequence[Dict[str, str]], *, chat_template: Optional[str] = None,
+             **kwargs) -> Union[str, Iterator[str]]:
         """Replies to a conversation, formatted with the model's own chat template.
 
         ``messages`` is a list of ``{"role": "system" | "user" | "assistant", "content": str}``.
-        Keyword arguments are those of :meth:`generate`.
+        ``chat_template`` replaces the file's template: a template text, or the name of one of
+        llama.cpp's built-in templates (``"chatml"``, ``"llama3"``, ``"mistral-v7"``, ``"phi3"``,
+        ``"gemma"``, ...). Other keyword arguments are those of :meth:`generate`.
         """
         pairs = []
         for m in messages:
             if not isinstance(m, dict) or "role" not in m or "content" not in m:
                 raise ValueError("each message must be a dict with 'role' and 'content'")
-            pairs.append((str(m["role"]), str(m["content"])))
+            if not isinstance(m["role"], str) or not isinstance(m["content"], str):
+                raise TypeError(f"message role and content must be str, got {m!r}")
+            pairs.append((m["role"], m["content"]))
         if not pairs:
             raise ValueError("chat() needs at least one message")
-        text = self._vocab.apply_chat_template(pairs, True)
-        return self.generate(self.tokenize(text, add_special=True, parse_special=True), max_tokens, **kwargs)
+        if chat_template is None and not self._vocab.chat_template:
+            raise ValueError("this model file has no chat template: pass chat_template= (CLI: --chat-template) with "
+                             "a template or a built-in name such as 'chatml', 'llama3' or 'mistral-v7', or use "
+                             "generate() with a prompt of your own")
+        text = self._vocab.apply_chat_template(pairs, True, chat_template or "")
+        return self.generate(self.tokenize(text, add_special=True, parse_special=True), **kwargs)
 
     def _generate(self, ids: List[int], max_tokens: int, params: SamplingParams,
                   stop: Optional[Union[str, Sequence[str]]], progress: Optional[ProgressCallback]) -> Iterator[str]:
-        if not isinstance(max_tokens, (int, np.integer)) or max_tokens < 0:
-            raise ValueError(f"max_tokens must be a non-negative integer, got {max_tokens!r}")
+        if _require_int("max_tokens", max_tokens) < 0:
+            raise ValueError(f"max_tokens must be >= 0, got {max_tokens!r}")
         if not ids:
             raise ValueError("the prompt is empty")
         if len(ids) + max_tokens > self.n_ctx:
@@ -246,14 +330,21 @@ class LocalModel:
                 f"the context size n_ctx={self.n_ctx}{limit}")
         sampler = Sampler(params)  # validates the sampling options before any work
         stops = [stop] if isinstance(stop, str) else list(stop or [])
+        if any(not isinstance(s, str) for s in stops):
+            raise TypeError(f"stop must be a string or a list of strings, got {stop!r}")
         if any(not s for s in stops):
             raise ValueError("stop strings must be non-empty")
         return self._generate_iter(ids, max_tokens, sampler, stops, progress)
 
     def _generate_iter(self, ids: List[int], max_tokens: int, sampler: Sampler, stops: List[str],
                        progress: Optional[ProgressCallback]) -> Iterator[str]:
-        self.reset()
-        logits = self.eval(ids, progress=progress)
+        # The lock is held for each step, never across a yield: a stream that is not consumed
+        # must not block the model's other users.
+        with self._lock:
+            self._cache_epoch += 1
+            epoch = self._cache_epoch
+            self._engine.reset()
+            logits = self._eval(ids, progress=progress)
         history = list(ids)
         decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
         hold = max((len(s) for s in stops), default=1) - 1  # chars kept back: a stop may straddle pieces
@@ -274,7 +365,12 @@ class LocalModel:
                 yield pending[: len(pending) - hold]
                 pending = pending[len(pending) - hold:]
             if step + 1 < max_tokens:
-                logits = self.eval([token])
+                with self._lock:
+                    if self._cache_epoch != epoch:
+                        raise RuntimeError("this generation stream was interrupted: the model was used by another "
+                                           "call (generate, chat, eval or reset) since its last piece; use one "
+                                           "LocalModel per concurrent stream")
+                    logits = self._eval([token])
         pending += decoder.decode(b"", final=True)
         if pending:
             cut = min((i for i in (pending.find(s) for s in stops) if i >= 0), default=-1)

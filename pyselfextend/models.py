@@ -54,7 +54,11 @@ def default_model_name() -> str:
 def models_dir() -> Path:
     """Directory where pulled models are stored (``$PYSELFEXTEND_MODELS`` overrides it)."""
     env = os.environ.get("PYSELFEXTEND_MODELS")
-    return Path(env).expanduser() if env else Path.home() / ".cache" / "pyselfextend" / "models"
+    path = Path(env).expanduser() if env else Path.home() / ".cache" / "pyselfextend" / "models"
+    if path.exists() and not path.is_dir():
+        where = f"PYSELFEXTEND_MODELS={env}" if env else str(path)
+        raise NotADirectoryError(f"{where} is a file, not a directory for models")
+    return path
 
 
 def model_path(name: Optional[str] = None) -> Path:

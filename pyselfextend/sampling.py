@@ -1,7 +1,9 @@
 """Token sampling from logits: greedy, or temperature with top-k / top-p / min-p and a repeat penalty."""
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
+from numbers import Integral, Real
 from typing import Optional, Sequence
 
 import numpy as np
@@ -9,7 +11,10 @@ import numpy as np
 
 @dataclass
 class SamplingParams:
-    """How the next token is picked. ``temperature == 0`` means greedy (argmax)."""
+    """How the next token is picked. ``temperature == 0`` means greedy (argmax).
+
+    ``seed`` makes sampling repeatable; ``None`` (or -1, as in llama.cpp) draws a fresh one.
+    """
 
     temperature: float = 0.8
     top_k: int = 40
@@ -20,6 +25,20 @@ class SamplingParams:
     seed: Optional[int] = None
 
     def validate(self) -> None:
+        for name in ("temperature", "top_p", "min_p", "repeat_penalty"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, Real):
+                raise TypeError(f"{name} must be a number, got {value!r}")
+            if not math.isfinite(value):
+                raise ValueError(f"{name} must be finite, got {value!r}")
+        for name in ("top_k", "repeat_last_n"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, Integral):
+                raise TypeError(f"{name} must be an integer, got {value!r}")
+        if self.seed is not None and (isinstance(self.seed, bool) or not isinstance(self.seed, Integral)):
+            raise TypeError(f"seed must be an integer, got {self.seed!r}")
+        if self.seed is not None and not -1 <= self.seed < 2**64:
+            raise ValueError(f"seed must be in [0, 2**64) (or -1 for a random seed), got {self.seed}")
         if not (self.temperature >= 0.0):
             raise ValueError(f"temperature must be >= 0, got {self.temperature}")
         if self.top_k < 0:
@@ -40,7 +59,7 @@ class Sampler:
     def __init__(self, params: SamplingParams):
         params.validate()
         self.params = params
-        self.rng = np.random.default_rng(params.seed)
+        self.rng = np.random.default_rng(None if params.seed == -1 else params.seed)
 
     def sample(self, logits: np.ndarray, history: Sequence[int]) -> int:
         p = self.params

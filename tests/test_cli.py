@@ -113,3 +113,71 @@ def test_baseline_flags_are_one_method_each(tiny_model, tmp_path):
     r = run("perplexity", "-m", str(tiny_model()), "-f", str(doc), "--ctx", "600", "--no-selfextend", "-t", "1")
     assert r.returncode == 0, r.stderr
     assert "expect degraded output" in r.stderr and "Warning" not in r.stderr
+
+
+def run_bytes(*args, env=None, input=None):
+    """run() with byte arguments and stdin, for text that is not UTF-8."""
+    return subprocess.run([sys.executable.encode(), b"-m", b"pyselfextend", *args], capture_output=True,
+                          env={**os.environ, **(env or {})}, input=input, timeout=600)
+
+
+@pytest.mark.parametrize("args, message", [
+    (["passkey", "--lengths", "abc"], "not a size: 'abc'"),
+    (["passkey", "--lengths", "0"], "size must be positive"),
+    (["passkey", "--lengths", "4k,,8k"], "empty item"),
+    (["passkey", "--depths", "0.5,deep"], "not a fraction: 'deep'"),
+    (["passkey", "--depths", "1.5"], "fractions must be in [0, 1]"),
+    (["evaluate", "--lengths", "12k,abc"], "not a size: 'abc'"),
+    (["evaluate", "--depths", "x"], "not a fraction: 'x'"),
+    (["evaluate", "--bench-depths", "0,4q"], "not a size: '4q'"),
+    (["bench", "--depths", "abc"], "not a size: 'abc'"),
+    (["generate", "--ctx", "12kk"], "not a size"),
+])
+def test_bad_list_and_size_options_are_usage_errors(args, message):
+    r = run(*args)
+    assert r.returncode == 2 and message in r.stderr and "Traceback" not in r.stderr
+
+
+def test_contexts_that_cannot_be_held_are_clear_errors(tiny_model):
+    m = str(tiny_model())
+    r = run("generate", "-m", m, "--prompt", "w1", "--ctx", "3000m", "--no-selfextend")
+    assert r.returncode == 1 and "n_ctx = 3145728000 is out of range" in r.stderr and "Traceback" not in r.stderr
+    r = run("generate", "-m", m, "--prompt", "w1", "--ctx", "2000m", "--no-selfextend")
+    assert r.returncode == 1 and "GiB of memory, but this machine has" in r.stderr and "Traceback" not in r.stderr
+    for engine, said in (("selfextend", "too far past the trained context"), ("ordinary", "GiB of memory"),
+                         ("llama.cpp", "llama.cpp with n_ctx=2097152528 needs")):
+        r = run("bench", "-m", m, "--depths", "2000m", "--engines", engine, "-r", "1")
+        assert r.returncode == 1 and said in r.stderr and "Traceback" not in r.stderr, r.stderr
+    r = run("generate", "-m", m, "--prompt", "w1 w2", "--ctx", "64", "--batch", "1000000", "--max-tokens", "2",
+            "--seed", "-1")
+    assert r.returncode == 0, r.stderr
+    assert "memory" in r.stderr and "KV cache" in r.stderr  # the memory a context needs, said up front
+
+
+def test_text_that_is_not_utf8_is_a_clear_error(tiny_model, tmp_path):
+    m = str(tiny_model()).encode()
+    for cmd in (b"generate", b"chat"):
+        r = run_bytes(cmd, b"-m", m, b"--prompt", b"caf\xe9 w1")
+        assert r.returncode == 1 and b"--prompt is not UTF-8 text: byte 0xe9 at offset 3" in r.stderr, r.stderr
+        r = run_bytes(cmd, b"-m", m, input=b"w1 w2 \xff\xfe")
+        assert r.returncode == 1 and b"stdin is not UTF-8 text: byte 0xff at offset 6" in r.stderr, r.stderr
+    bad = tmp_path / "latin1.txt"
+    bad.write_bytes(b"na\xefve")
+    r = run_bytes(b"generate", b"-m", m, b"--prompt-file", str(bad).encode())
+    assert r.returncode == 1 and b"is not UTF-8 text: byte 0xef at offset 2" in r.stderr
+    assert b"Traceback" not in r.stderr
+
+
+def test_chat_without_a_template_says_which_option_to_use(tiny_model):
+    r = run("chat", "-m", str(tiny_model()), "--prompt", "w1 w2", "--max-tokens", "2")
+    assert r.returncode == 1 and "--chat-template" in r.stderr and "Traceback" not in r.stderr
+    r = run("chat", "-m", str(tiny_model()), "--prompt", "w1 w2", "--max-tokens", "2", "--chat-template", "chatml")
+    assert r.returncode == 0, r.stderr
+
+
+def test_models_directory_that_is_a_file(tmp_path):
+    f = tmp_path / "models"
+    f.write_text("not a directory")
+    r = run("generate", "--prompt", "hi", env={"PYSELFEXTEND_MODELS": str(f)})
+    assert r.returncode == 1 and f"PYSELFEXTEND_MODELS={f} is a file, not a directory" in r.stderr
+    assert "Traceback" not in r.stderr

@@ -1,0 +1,26 @@
+// How much memory this machine can still give us, and a clear refusal when a request exceeds it.
+// Linux overcommits: a too-large cache would be granted and then killed by the OOM killer while
+// it is zeroed, so sizes are checked before anything is allocated.
+#pragma once
+
+#include <cstddef>
+#include <stdexcept>
+#include <string>
+
+namespace pse {
+
+// Raised (Python: pyselfextend.NotEnoughMemory, a MemoryError) before an allocation that cannot fit.
+struct not_enough_memory : std::runtime_error {
+    using std::runtime_error::runtime_error;
+};
+
+// Bytes available without swapping: MemAvailable on Linux, physical memory elsewhere; 0 if unknown.
+size_t available_memory();
+
+// "1.5 GiB", "300.0 MiB": sizes in messages.
+std::string format_bytes(size_t bytes);
+
+// Throws not_enough_memory naming `what` and both sizes when `bytes` exceed 90% of available_memory().
+void require_memory(size_t bytes, const std::string & what);
+
+}  // namespace pse
