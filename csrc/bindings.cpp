@@ -1,6 +1,6 @@
 // pyselfextend._engine: the C++ engine as a Python extension. Compute runs without the GIL.
 #include "engine.h"
-#include "host_memory.h"
+#include "host.h"
 #include "reference.h"
 #include "vocab.h"
 
@@ -192,7 +192,7 @@ PYBIND11_MODULE(_engine, m) {
     py::class_<engine>(m, "Engine", "A model with its KV cache and CPU compute threads.")
         .def(py::init([](std::shared_ptr<gguf_model> model, int64_t n_ctx, int64_t n_batch, int64_t n_threads,
                          const std::string & cache_type, int32_t group_size, int32_t window, const std::string & path,
-                         const std::string & rope_scaling, float rope_factor) {
+                         const std::string & rope_scaling, float rope_factor, bool adaptive_threads) {
                  engine_params p;
                  using rs = engine_params::rope_scaling;
                  if (rope_scaling != "none" && rope_scaling != "linear" && rope_scaling != "yarn") {
@@ -211,11 +211,12 @@ PYBIND11_MODULE(_engine, m) {
                  p.n_batch = narrow("n_batch", n_batch);
                  p.n_threads = narrow("n_threads", n_threads);
                  p.cache_type = cache_type_from(cache_type);
+                 p.adaptive_threads = adaptive_threads;
                  return new engine(std::move(model), p);
              }),
              py::arg("model"), py::arg("n_ctx"), py::arg("n_batch"), py::arg("n_threads"), py::arg("cache_type") = "f16",
              py::arg("group_size") = 1, py::arg("window") = 0, py::arg("attention_path") = "auto",
-             py::arg("rope_scaling") = "none", py::arg("rope_factor") = 1.0f)
+             py::arg("rope_scaling") = "none", py::arg("rope_factor") = 1.0f, py::arg("adaptive_threads") = true)
         .def("eval",
              [](engine & e, py::object tokens, bool all_logits, py::object progress) {
                  std::vector<int32_t> ids = to_tokens(tokens);
@@ -239,6 +240,8 @@ PYBIND11_MODULE(_engine, m) {
           py::arg("window"), py::arg("n_batch"), py::arg("cache_type") = "f32", py::arg("attention_path") = "fused",
           py::arg("freq_base") = 10000.0f, py::arg("n_threads") = 2, py::arg("decode_tail") = 0, py::call_guard<py::gil_scoped_release>(),
           "Test hook: the attention seam alone, over q, k, v of shape [n, heads, D] (not rotated).");
+    m.def("_threads_that_can_run", &threads_that_can_run, py::arg("n_threads"),
+          "Test hook: compute threads that can run now, of n_threads (fewer while other processes keep cores busy).");
     m.def("selfextend_usable_length", &selfextend_usable_length, py::arg("n_ctx_train"), py::arg("group_size"),
           py::arg("window"), "(L - W) * G + W: the longest sequence SelfExtend keeps within the trained context L.");
 

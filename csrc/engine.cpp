@@ -1,10 +1,11 @@
 #include "engine.h"
 
-#include "host_memory.h"
+#include "host.h"
 
 #include "ggml-cpu.h"
 
 #include <algorithm>
+#include <chrono>
 #include <stdexcept>
 #include <string>
 
@@ -42,6 +43,7 @@ engine::engine(std::shared_ptr<gguf_model> model, const engine_params & params)
     backend_.reset(ggml_backend_cpu_init());
     if (!backend_.get()) throw std::runtime_error("cannot initialise the ggml CPU backend");
     ggml_backend_cpu_set_n_threads(backend_.get(), params_.n_threads);
+    threads_now_ = params_.n_threads;
     // The fused kernel is a CPU custom op; any other backend runs the portable path.
     path_ = params_.path == engine_params::path_choice::portable ||
                     (params_.path == engine_params::path_choice::automatic && !ggml_backend_is_cpu(backend_.get()))
@@ -136,7 +138,21 @@ void engine::refill_ring(int32_t lo, int32_t hi) {
 void engine::set_n_threads(int32_t n_threads) {
     if (n_threads < 1 || n_threads > 512) throw std::invalid_argument("n_threads must be in [1, 512]");
     params_.n_threads = n_threads;
+    threads_now_ = n_threads;
     ggml_backend_cpu_set_n_threads(backend_.get(), n_threads);
+}
+
+void engine::adapt_threads() {
+    if (!params_.adaptive_threads) return;
+    // Sampled at most every 20 ms: a decode step is ~10 ms, the look costs ~50 us.
+    const auto now = std::chrono::steady_clock::now();
+    if (now - threads_checked_ < std::chrono::milliseconds(20)) return;
+    threads_checked_ = now;
+    const int32_t n = threads_that_can_run(params_.n_threads);
+    if (n != threads_now_) {
+        threads_now_ = n;
+        ggml_backend_cpu_set_n_threads(backend_.get(), n);
+    }
 }
 
 void engine::eval_batch(const int32_t * tokens, int32_t n_tokens, int32_t n_outputs, float * logits_out) {
@@ -152,6 +168,7 @@ void engine::eval_batch(const int32_t * tokens, int32_t n_tokens, int32_t n_outp
     ggml_backend_tensor_set(in.tokens, tokens, 0, (size_t) n_tokens * sizeof(int32_t));
     set_attention_batch_inputs(in.attn);
 
+    adapt_threads();
     const ggml_status status = ggml_backend_graph_compute(backend_.get(), gf);
     if (status == GGML_STATUS_SUCCESS && in.logits && logits_out) {
         ggml_backend_tensor_get(in.logits, logits_out, 0, ggml_nbytes(in.logits));

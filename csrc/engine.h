@@ -7,6 +7,7 @@
 #include "ggml-cpp.h"
 
 #include <atomic>
+#include <chrono>
 #include <functional>
 #include <stdexcept>
 #include <memory>
@@ -27,6 +28,9 @@ struct engine_params {
     // positions divided by rope_factor) or YaRN, both through ggml_rope_ext.
     enum class rope_scaling { none, linear, yarn } scaling = rope_scaling::none;
     float rope_factor = 1.0f;
+    // Run fewer compute threads while other processes keep cores busy (host.h); the attention
+    // work split still follows n_threads, so results do not depend on the machine's load.
+    bool adaptive_threads = true;
 };
 
 // Longest sequence SelfExtend with (G, W) keeps within the trained context L: (L - W) * G + W.
@@ -76,6 +80,10 @@ private:
     int32_t ring_size_ = 0;                         // neighbor-key ring rows (fused SelfExtend)
     engine_rope_override rope_override_;
     size_t cache_bytes_ = 0, compute_bytes_ = 0;
+    int32_t threads_now_ = 0;                               // compute threads in use
+    std::chrono::steady_clock::time_point threads_checked_;
+
+    void adapt_threads();
 
     void refill_ring(int32_t lo, int32_t hi);
     attention_config attention_cfg() const;

@@ -1,6 +1,6 @@
 #include "reference.h"
 
-#include "host_memory.h"
+#include "host.h"
 
 #include "llama.h"
 

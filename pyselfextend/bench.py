@@ -44,9 +44,11 @@ def _worker(engine: str, path: str, threads: int, depths: List[int], n_prompt: i
     plan = None
     if engine == "selfextend":
         plan = plan_context(n_ctx, model.n_ctx_train)
-        eng = _engine.Engine(model, n_ctx, n_batch, threads, "f16", plan.group_size, plan.window)
+        # A fixed thread count, as llama.cpp's: no adapting to other load during a measurement.
+        eng = _engine.Engine(model, n_ctx, n_batch, threads, "f16", plan.group_size, plan.window,
+                             adaptive_threads=False)
     elif engine == "ordinary":
-        eng = _engine.Engine(model, n_ctx, n_batch, threads, "f16")
+        eng = _engine.Engine(model, n_ctx, n_batch, threads, "f16", adaptive_threads=False)
     else:
         eng = _engine.Reference(path, n_ctx, n_batch, threads, engine == "llama.cpp-fa")
     rng = np.random.default_rng(1234)  # the same tokens for every engine

@@ -1,4 +1,4 @@
-// How much memory this machine can still give us, and a clear refusal when a request exceeds it.
+// What this machine can give us now: memory, and cores that other processes leave idle.
 // Linux overcommits: a too-large cache would be granted and then killed by the OOM killer while
 // it is zeroed, so sizes are checked before anything is allocated.
 #pragma once
@@ -22,5 +22,12 @@ std::string format_bytes(size_t bytes);
 
 // Throws not_enough_memory naming `what` and both sizes when `bytes` exceed 90% of available_memory().
 void require_memory(size_t bytes, const std::string & what);
+
+// How many of n_threads compute threads can run at once now: n_threads, less the cores that other
+// processes' runnable threads occupy (Linux: /proc/loadavg less this process's own running
+// threads), at least 1. ggml's threads meet at a barrier after every operation, so one thread
+// waiting for a core stalls them all: with two busy processes on two cores, two threads decode
+// 20-35x slower than one. Elsewhere n_threads.
+int32_t threads_that_can_run(int32_t n_threads);
 
 }  // namespace pse
