@@ -56,7 +56,7 @@ engine::engine(std::shared_ptr<gguf_model> model, const engine_params & params)
     cache_bytes_ = cache_.bytes_needed(backend_.get());
     const std::string what = "n_ctx=" + std::to_string(params_.n_ctx) + " with batches of " +
                              std::to_string(params_.n_batch) + " tokens";
-    const std::string cache_what = "a " + std::string(ggml_type_name(params_.cache_type)) + " KV cache of " +
+    const std::string cache_what = "an " + std::string(ggml_type_name(params_.cache_type)) + " KV cache of " +
                                    format_bytes(cache_bytes_) + " (" + format_bytes(cache_bytes_ / params_.n_ctx * 1024) +
                                    " per 1k tokens)";
     require_memory(model_->file_size + cache_bytes_, what + ": weights " + format_bytes(model_->file_size) + " and " +
