@@ -262,8 +262,8 @@ def cmd_perplexity(args: argparse.Namespace) -> int:
     from .perplexity import plot, summarize, token_nll
     from .progress import ProgressBar
 
-    with open(args.file, encoding="utf-8") as f:
-        text = f.read()
+    with open(args.file, "rb") as f:
+        text = _utf8(f.read(), args.file)
     llm = _open_model(args, args.ctx, args.batch)
     ids = llm.tokenize(text)[: args.ctx]
     if len(ids) < args.ctx:

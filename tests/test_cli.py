@@ -163,9 +163,10 @@ def test_text_that_is_not_utf8_is_a_clear_error(tiny_model, tmp_path):
         assert r.returncode == 1 and b"stdin is not UTF-8 text: byte 0xff at offset 6" in r.stderr, r.stderr
     bad = tmp_path / "latin1.txt"
     bad.write_bytes(b"na\xefve")
-    r = run_bytes(b"generate", b"-m", m, b"--prompt-file", str(bad).encode())
-    assert r.returncode == 1 and b"is not UTF-8 text: byte 0xef at offset 2" in r.stderr
-    assert b"Traceback" not in r.stderr
+    for cmd in ([b"generate", b"--prompt-file"], [b"perplexity", b"--file"]):
+        r = run_bytes(*cmd, str(bad).encode(), b"-m", m)
+        assert r.returncode == 1 and b"is not UTF-8 text: byte 0xef at offset 2" in r.stderr, r.stderr
+        assert b"Traceback" not in r.stderr
 
 
 def test_chat_without_a_template_says_which_option_to_use(tiny_model):
