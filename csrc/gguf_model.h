@@ -65,9 +65,20 @@ struct gguf_model {
     ~gguf_model();
 };
 
-// Opens and validates a GGUF file. Throws std::invalid_argument with a message that names the
-// problem (missing file, not GGUF, truncated, unsupported architecture or tensor type, bad shape)
+// Opens and validates a GGUF file. Throws std::invalid_argument with a message "path: problem"
+// (missing file, not GGUF, truncated or corrupt header, unsupported architecture or tensor type,
+// bad shape, unused tensor, out-of-range hyperparameter or token id, inconsistent vocabulary)
 // before anything reaches a ggml assert.
 std::unique_ptr<gguf_model> load_gguf_model(const std::string & path);
+
+// What libllama's vocabulary loader reads, checked so that it cannot abort on a bad file: the GGUF
+// structure (as above) and the tokenizer metadata (tokenizer model, token list, scores, types,
+// merges, special token ids). Throws std::invalid_argument like load_gguf_model.
+void check_vocab_file(const std::string & path);
+
+// Text from a file made safe to become a Python str: bytes that are not valid UTF-8 (and control
+// characters) as \xNN escapes.
+std::string printable(const std::string & s);
+bool is_valid_utf8(const std::string & s);
 
 }  // namespace pse

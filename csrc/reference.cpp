@@ -1,5 +1,6 @@
 #include "reference.h"
 
+#include "gguf_model.h"
 #include "host.h"
 
 #include "llama.h"
@@ -17,6 +18,7 @@ reference_model::reference_model(const std::string & path, int32_t n_ctx, int32_
     if (grp_attn_n < 1 || n_batch % grp_attn_n != 0) {
         throw std::invalid_argument("grp_attn_n must be >= 1 and divide n_batch (" + std::to_string(n_batch) + ")");
     }
+    check_vocab_file(path);  // libllama asserts on some corrupt files: check what it reads first
     llama_backend_init();
     llama_model_params mp = llama_model_default_params();
     mp.n_gpu_layers = 0;

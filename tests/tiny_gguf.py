@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Dict, Optional
+from typing import Any, Dict, Optional
 
 import numpy as np
 import gguf
@@ -44,10 +44,41 @@ def _add_matrix(w: gguf.GGUFWriter, name: str, data: np.ndarray, weight_type: st
         w.add_tensor(name, gguf.quants.quantize(data.astype(np.float32), qtype), raw_dtype=qtype)
 
 
+def _kv_value(value: Any):
+    """(value, type, sub_type) for a metadata value: a (GGUFValueType, value) pair is written as that
+    type; otherwise the type follows the Python value (negative ints as INT32, others as UINT32)."""
+    T = gguf.GGUFValueType
+    if isinstance(value, tuple):
+        vtype, v = value
+        if vtype == T.ARRAY:
+            sub, items = v
+            return list(items), T.ARRAY, sub
+        return v, vtype, None
+    if isinstance(value, bool):
+        return value, T.BOOL, None
+    if isinstance(value, int):
+        if value < 0:
+            return value, (T.INT32 if value >= -2**31 else T.INT64), None
+        return value, (T.UINT32 if value < 2**32 else T.UINT64), None
+    if isinstance(value, float):
+        return value, T.FLOAT32, None
+    if isinstance(value, str):
+        return value, T.STRING, None
+    if isinstance(value, (list, tuple)):
+        items = list(value)
+        sub = _kv_value(items[0])[1] if items else T.INT32
+        return items, T.ARRAY, sub
+    raise TypeError(f"no GGUF type for {value!r}")
+
+
 def write_tiny_model(path: Path, spec: TinySpec = TinySpec(),
-                     override: Optional[Dict[str, np.ndarray]] = None) -> Path:
+                     override: Optional[Dict[str, np.ndarray]] = None,
+                     kv: Optional[Dict[str, Any]] = None,
+                     extra_tensors: Optional[Dict[str, np.ndarray]] = None) -> Path:
     """A random model with an SPM vocabulary of byte tokens; `override` replaces named tensors
-    (written as given), to build malformed files."""
+    (written as given), to build malformed files. `kv` sets metadata keys after the normal ones
+    (None removes a key; see _kv_value for types) and `extra_tensors` adds tensors the graph does not
+    know, so that otherwise valid files can carry one bad hyperparameter."""
     rng = np.random.default_rng(spec.seed)
     w = gguf.GGUFWriter(str(path), spec.arch)
     w.add_name(f"tiny-{spec.weight_type}")
@@ -96,6 +127,14 @@ def write_tiny_model(path: Path, spec: TinySpec = TinySpec(),
         matrix(p + "ffn_gate.weight", F, E, 1.0 / np.sqrt(E))
         matrix(p + "ffn_up.weight", F, E, 1.0 / np.sqrt(E))
         matrix(p + "ffn_down.weight", E, F, 1.0 / np.sqrt(F))
+    for name, data in (extra_tensors or {}).items():
+        w.add_tensor(name, data)
+    for key, value in (kv or {}).items():
+        if value is None:
+            w.kv_data[0].pop(key, None)
+        else:
+            v, vtype, sub = _kv_value(value)
+            w.kv_data[0][key] = gguf.GGUFValue(value=v, type=vtype, sub_type=sub)
     w.write_header_to_file()
     w.write_kv_data_to_file()
     w.write_tensors_to_file()
