@@ -227,6 +227,21 @@ PYBIND11_MODULE(_engine, m) {
              py::arg("tokens"), py::arg("all_logits") = false, py::arg("progress") = py::none())
         .def("reset", &engine::reset)
         .def("truncate", &engine::truncate, py::arg("n"))
+        .def("read_state",
+             [](const engine & e, int32_t n) {
+                 const size_t size = e.state_bytes(n);
+                 py::bytes out(nullptr, size);  // filled in place: states are hundreds of MB
+                 e.read_state(n, (uint8_t *) PyBytes_AsString(out.ptr()));
+                 return out;
+             },
+             py::arg("n"), "The first n cached tokens' K and V rows, every layer.")
+        .def("write_state",
+             [](engine & e, int32_t n, py::buffer data) {
+                 py::buffer_info info = data.request();
+                 py::gil_scoped_release release;
+                 e.write_state(n, (const uint8_t *) info.ptr, (size_t) (info.size * info.itemsize));
+             },
+             py::arg("n"), py::arg("data"), "Replaces the cache with n tokens' K and V rows (from read_state).")
         .def("abort", &engine::abort)
         .def("set_n_threads", &engine::set_n_threads)
         .def_property_readonly("n_past", &engine::n_past)

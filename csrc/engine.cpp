@@ -115,6 +115,38 @@ void engine::truncate(int32_t n) {
     cache_.n_past = n;
 }
 
+size_t engine::state_bytes(int32_t n) const {
+    return 2 * (size_t) model_->hp.n_layer * (size_t) n * cache_.k[0]->nb[1];
+}
+
+void engine::read_state(int32_t n, uint8_t * dst) const {
+    if (n < 0 || n > cache_.n_past) throw std::invalid_argument("read_state: the cache holds " + std::to_string(cache_.n_past) + " tokens");
+    const size_t rows = (size_t) n * cache_.k[0]->nb[1];  // rows [0, n) are contiguous
+    for (int il = 0; il < model_->hp.n_layer; ++il) {
+        ggml_backend_tensor_get(cache_.k[il], dst, 0, rows);
+        ggml_backend_tensor_get(cache_.v[il], dst + rows, 0, rows);
+        dst += 2 * rows;
+    }
+}
+
+void engine::write_state(int32_t n, const uint8_t * src, size_t size) {
+    if (n < 0 || n > params_.n_ctx) {
+        throw std::invalid_argument("a state of " + std::to_string(n) + " tokens does not fit in n_ctx=" + std::to_string(params_.n_ctx));
+    }
+    if (size != state_bytes(n)) {
+        throw std::invalid_argument("a state of " + std::to_string(n) + " tokens holds " + std::to_string(state_bytes(n)) +
+                                    " bytes of KV cache, not " + std::to_string(size));
+    }
+    const size_t rows = (size_t) n * cache_.k[0]->nb[1];
+    for (int il = 0; il < model_->hp.n_layer; ++il) {
+        ggml_backend_tensor_set(cache_.k[il], src, 0, rows);
+        ggml_backend_tensor_set(cache_.v[il], src + rows, 0, rows);
+        src += 2 * rows;
+    }
+    cache_.n_past = n;
+    truncate(n);  // rebuilds the neighbor ring from the grouped keys
+}
+
 void engine::refill_ring(int32_t lo, int32_t hi) {
     ggml_init_params ip = {graph_meta_.size(), graph_meta_.data(), /*no_alloc =*/ true};
     ggml_context * ctx = ggml_init(ip);

@@ -60,6 +60,11 @@ public:
     void reset() { cache_.clear(); }
     // Forgets every token from position n on (rows past n are simply overwritten later).
     void truncate(int32_t n);
+    // The cache's first n rows, every layer's K then V (what a saved state holds; the neighbor
+    // ring is derived from them), and the inverse: the cache then holds those n tokens.
+    size_t state_bytes(int32_t n) const;
+    void read_state(int32_t n, uint8_t * dst) const;
+    void write_state(int32_t n, const uint8_t * src, size_t size);
     void abort() { abort_ = true; }  // safe from any thread; stops the running eval
     int32_t n_past() const { return cache_.n_past; }
     const engine_params & params() const { return params_; }

@@ -136,6 +136,9 @@ def _add_generation_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int, default=None, metavar="S",
                    help="random seed for repeatable sampling (default, or -1: a fresh seed each run)")
     p.add_argument("--stop", action="append", default=None, metavar="TEXT", help="stop before TEXT (repeatable)")
+    p.add_argument("--prompt-cache", metavar="FILE",
+                   help="reuse the model state saved in FILE when the prompt starts like the one it holds, and "
+                        "save the state after reading the prompt (a long document is read once)")
 
 
 def _utf8(data: bytes, source: str) -> str:
@@ -184,22 +187,65 @@ def _mib(n: int) -> str:
 
 
 def _run_generation(args: argparse.Namespace, chat: bool) -> int:
+    from .chat import Conversation, run_interactive, system_message
     from .progress import ProgressBar
 
-    prompt = _read_prompt(args)
+    interactive = chat and args.prompt is None and args.prompt_file is None and sys.stdin is not None \
+        and sys.stdin.isatty()
+    prompt = None if interactive else _read_prompt(args)
+    start = [m for m in [system_message(args.system, args.file)] if m] if chat else []
     llm = _open_model(args, args.ctx, args.batch)
-    kwargs = dict(max_tokens=args.max_tokens, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
-                  min_p=args.min_p, repeat_penalty=args.repeat_penalty, seed=args.seed, stop=args.stop,
-                  stream=True, progress=ProgressBar())
+    generation = dict(max_tokens=args.max_tokens, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
+                      min_p=args.min_p, repeat_penalty=args.repeat_penalty, seed=args.seed, stop=args.stop)
+    if interactive:
+        conversation = Conversation(llm, start, chat_template=args.chat_template, generation=generation)
+        if args.prompt_cache:
+            _load_prompt_cache(llm, args.prompt_cache)
+        conversation.read_documents()
+        if args.prompt_cache:
+            _save_prompt_cache(llm, args.prompt_cache)
+        try:
+            import readline  # noqa: F401 - line editing and history for input()
+        except ImportError:
+            pass
+        return run_interactive(conversation)
+
     if chat:
-        pieces = llm.chat([{"role": "user", "content": prompt}], chat_template=args.chat_template, **kwargs)
+        ids = llm.chat_tokens(start + [{"role": "user", "content": prompt}], chat_template=args.chat_template)
     else:
-        pieces = llm.generate(prompt, **kwargs)
-    for piece in pieces:
+        ids = llm.tokenize(prompt, parse_special=args.special)
+    if args.prompt_cache:
+        _load_prompt_cache(llm, args.prompt_cache)
+        if len(ids) + args.max_tokens <= llm.n_ctx:  # else generate says why it cannot start
+            cached = llm.cached_tokens
+            llm.prefill(ids, progress=ProgressBar())
+            if llm.cached_tokens != cached:
+                _save_prompt_cache(llm, args.prompt_cache)
+    for piece in llm.generate(ids, stream=True, progress=ProgressBar(), **generation):
         sys.stdout.write(piece)
         sys.stdout.flush()
     sys.stdout.write("\n")
     return 0
+
+
+def _load_prompt_cache(llm, path: str) -> None:
+    """Loads a saved state when there is one that fits this model; says why one is not used."""
+    import os
+
+    from .state import CorruptState, StateMismatch
+
+    if not os.path.exists(path):
+        return
+    try:
+        llm.load_state(path)
+        print(f"pyselfextend: prompt cache {path}: {len(llm.cached_tokens):,} tokens", file=sys.stderr)
+    except (StateMismatch, CorruptState) as e:
+        print(f"pyselfextend: not using the prompt cache: {e}; it will be rewritten", file=sys.stderr)
+
+
+def _save_prompt_cache(llm, path: str) -> None:
+    llm.save_state(path)
+    print(f"pyselfextend: prompt cache {path}: saved {len(llm.cached_tokens):,} tokens", file=sys.stderr)
 
 
 def cmd_pull(args: argparse.Namespace) -> int:
@@ -327,12 +373,25 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("generate", help="continue a prompt", description="Continue a prompt; the text goes to stdout.")
     _add_model_args(p)
     _add_generation_args(p)
+    p.add_argument("--special", action="store_true",
+                   help="turn special-token text in the prompt (</s>, <|im_end|>, ...) into those tokens; by default "
+                        "the prompt is plain text")
     p.set_defaults(func=lambda a: _run_generation(a, chat=False))
 
-    p = sub.add_parser("chat", help="answer one user message through the model's chat template",
-                       description="Answer one user message, formatted with the model's own chat template.")
+    p = sub.add_parser("chat", help="a conversation in the terminal, or one answer",
+                       description="A conversation through the model's own chat template. With a message "
+                                   "(--prompt, --prompt-file, or text piped on stdin) it answers once and exits; "
+                                   "from a terminal with none it opens a conversation: answers stream as they are "
+                                   "written, the documents given with --file are read once before the first "
+                                   "question, and each turn evaluates only what is new. Commands: /reset, "
+                                   "/save FILE, /load FILE, /help, /quit; Ctrl-C stops an answer, twice at the "
+                                   "prompt (or Ctrl-D) leaves. Message text stays text: special-token spellings "
+                                   "in documents and questions are not parsed.")
     _add_model_args(p)
     _add_generation_args(p)
+    p.add_argument("--system", metavar="TEXT", help="the system message")
+    p.add_argument("--file", action="append", default=[], metavar="PATH",
+                   help="a document to put into the conversation before the first question (repeatable)")
     p.add_argument("--chat-template", default=None, metavar="NAME",
                    help="a chat template instead of the model's own: one of llama.cpp's built-in names (chatml, "
                         "llama3, mistral-v7, phi3, gemma, ...) or a template text")

@@ -74,11 +74,17 @@ class LocalModel:
 
     Two levels of use:
 
-    * Text in, text out: ``generate(prompt, ...)`` and ``chat(messages, ...)`` start from an
-      empty cache, evaluate the prompt, and sample up to ``max_tokens`` tokens (``stream=True``
-      yields text pieces as they are produced).
-    * Tokens in, logits out: ``tokenize``, ``eval`` (appends tokens to the cache and returns
-      float32 logits), ``reset`` and ``detokenize`` give full control.
+    * Text in, text out: ``generate(prompt, ...)`` and ``chat(messages, ...)`` evaluate the
+      prompt and sample up to ``max_tokens`` tokens (``stream=True`` yields text pieces as they
+      are produced). The cache is kept between calls: a prompt that starts like the previous one
+      (the same document, a longer conversation) evaluates only what comes after the common
+      prefix, with the same output as from an empty cache.
+    * Tokens in, logits out: ``tokenize``, ``prefill`` (make the cache hold a prompt, reusing
+      what it already holds), ``eval`` (append tokens, return float32 logits), ``truncate``,
+      ``reset``, ``cached_tokens`` and ``detokenize`` give full control.
+    * Saved state: ``save_state(path)`` writes the cached tokens and their KV cache;
+      ``load_state(path)`` brings them back in a new process in seconds instead of the minutes a
+      long document's prefill takes.
 
     Threads: one model, one cache. Calls from several threads are serialized (a lock): a
     ``generate`` or ``chat`` without ``stream`` runs whole before the next call starts. A stream
@@ -151,9 +157,11 @@ class LocalModel:
                                       self.plan.group_size, self.plan.window, attention_path,
                                       self.plan.rope_scaling, self.plan.rope_factor)
         self.n_threads = n_threads
+        self._cache_type = cache_type
         #: Prompt tokens per graph run (``n_batch`` capped at ``n_ctx``).
         self.n_batch: int = self._engine.n_batch
         self._lock = threading.RLock()
+        self._tokens: List[int] = []  # what the cache holds, token by token
         # Bumped by every call that changes the cache from outside a stream; a stream that finds
         # it changed since its last step was interrupted.
         self._cache_epoch = 0
@@ -182,6 +190,11 @@ class LocalModel:
     def n_past(self) -> int:
         """Tokens currently held in the KV cache."""
         return self._engine.n_past
+
+    @property
+    def cached_tokens(self) -> List[int]:
+        """The token ids the KV cache holds, in order (a copy)."""
+        return list(self._tokens)
 
     @property
     def memory(self) -> Dict[str, int]:
@@ -242,13 +255,90 @@ class LocalModel:
             raise ValueError("eval() needs at least one token")
         if self.n_past + len(ids) > self.n_ctx:
             raise ValueError(f"{self.n_past} cached + {len(ids)} new tokens exceed n_ctx={self.n_ctx}")
-        return self._engine.eval(ids, all_logits, progress)
+        try:
+            return self._engine.eval(ids, all_logits, progress)
+        finally:  # an interrupted eval keeps the batches it finished
+            self._tokens = (self._tokens + ids)[: self._engine.n_past]
+
+    def prefill(self, ids: Sequence[int], *, progress: Optional[ProgressCallback] = None) -> np.ndarray:
+        """Makes the cache hold exactly ``ids`` and returns the last token's logits.
+
+        Keeps the longest prefix the cache already shares with ``ids`` and evaluates only the
+        rest (at least the last token, for its logits). ``progress(done, total)`` counts the
+        tokens evaluated. The result equals ``reset(); eval(ids)`` up to float rounding.
+        """
+        ids = token_ids(ids)
+        if not ids:
+            raise ValueError("prefill() needs at least one token")
+        with self._lock:
+            self._cache_epoch += 1
+            return self._prefill(ids, progress)
+
+    def _prefill(self, ids: List[int], progress: Optional[ProgressCallback]) -> np.ndarray:
+        keep = 0
+        for a, b in zip(self._tokens, ids[:-1]):
+            if a != b:
+                break
+            keep += 1
+        self._truncate(keep)
+        return self._eval(ids[keep:], progress=progress)
+
+    def truncate(self, n: int) -> None:
+        """Keeps the first ``n`` cached tokens and forgets the rest."""
+        n = _require_int("n", n)
+        with self._lock:
+            self._cache_epoch += 1
+            self._truncate(n)
+
+    def _truncate(self, n: int) -> None:
+        if n != self._engine.n_past:
+            self._engine.truncate(n)
+        del self._tokens[n:]
 
     def reset(self) -> None:
         """Empties the KV cache."""
         with self._lock:
             self._cache_epoch += 1
             self._engine.reset()
+            self._tokens = []
+
+    def save_state(self, path: PathLike, *, metadata: Optional[Dict[str, object]] = None) -> None:
+        """Writes the cached tokens and their KV cache to ``path``, atomically.
+
+        The file records what must match to reuse it (the model file, ``n_ctx``, cache type,
+        group size and window, RoPE scaling) and a checksum; ``metadata`` (JSON-serializable) is
+        stored beside them and returned by :meth:`load_state`. A failure part-way (Ctrl-C, a
+        full disk) leaves no file under ``path`` and any earlier one intact.
+        """
+        from .state import write_state
+
+        with self._lock:
+            write_state(path, self._state_settings(), self._tokens, self._engine.read_state(len(self._tokens)),
+                        metadata or {})
+
+    def load_state(self, path: PathLike) -> Dict[str, object]:
+        """Replaces the cache with the tokens and KV cache saved in ``path``; returns its metadata.
+
+        Raises ``StateMismatch`` (a ValueError) naming each setting that differs from this
+        model's, and ``CorruptState`` (a ValueError) for a truncated or damaged file; the
+        cache is then unchanged.
+        """
+        from .state import read_state
+
+        tokens, kv, metadata = read_state(path, self._state_settings())
+        with self._lock:
+            self._cache_epoch += 1
+            self._engine.write_state(len(tokens), kv)
+            self._tokens = tokens
+        return metadata
+
+    def _state_settings(self) -> Dict[str, object]:
+        from .state import model_identity
+
+        return {"model": model_identity(self.path), "n_ctx": self.n_ctx, "cache_type": self._cache_type,
+                "group_size": self.plan.group_size, "window": self.plan.window,
+                "rope_scaling": self.plan.rope_scaling, "rope_factor": self.plan.rope_factor,
+                "n_vocab": self.n_vocab}
 
     # -- text --------------------------------------------------------------------------------
     def generate(
@@ -265,10 +355,14 @@ class LocalModel:
         stop: Optional[Union[str, Sequence[str]]] = None,
         stream: bool = False,
         progress: Optional[ProgressCallback] = None,
+        parse_special: bool = False,
     ) -> Union[str, Iterator[str]]:
         """Continues ``prompt`` (text, or token ids) by up to ``max_tokens`` sampled tokens.
 
-        Starts from an empty cache. ``temperature=0`` is greedy decoding; otherwise top-k, top-p
+        Reuses the cached prefix the prompt shares with what was evaluated before (see
+        :meth:`prefill`). Text is tokenized as text: ``</s>`` or ``<|im_end|>`` in a document stay
+        those characters; ``parse_special=True`` turns them into the special tokens (for a
+        prompt written in the model's own format). ``temperature=0`` is greedy decoding; otherwise top-k, top-p
         and min-p filter the candidates and ``seed`` makes the draw repeatable. Generation ends
         at an end-of-generation token, after ``max_tokens``, or just before the first ``stop``
         string (which is not returned). Returns the generated text, or with ``stream=True`` an
@@ -278,7 +372,7 @@ class LocalModel:
         TypeError when ``prompt`` is neither text nor token ids (bytes: decode them first).
         """
         if isinstance(prompt, str):
-            ids = self.tokenize(prompt)
+            ids = self.tokenize(prompt, parse_special=parse_special)
         elif isinstance(prompt, (bytes, bytearray)):
             raise TypeError("prompt must be text (str) or token ids, not bytes; decode it first, e.g. "
                             "data.decode('utf-8')")
@@ -298,7 +392,18 @@ class LocalModel:
         ``messages`` is a list of ``{"role": "system" | "user" | "assistant", "content": str}``.
         ``chat_template`` replaces the file's template: a template text, or the name of one of
         llama.cpp's built-in templates (``"chatml"``, ``"llama3"``, ``"mistral-v7"``, ``"phi3"``,
-        ``"gemma"``, ...). Other keyword arguments are those of :meth:`generate`.
+        ``"gemma"``, ...). Other keyword arguments are those of :meth:`generate`. Message
+        contents stay text (see :meth:`chat_tokens`); a conversation that continues the previous
+        one evaluates only its new turns.
+        """
+        return self.generate(self.chat_tokens(messages, chat_template=chat_template), **kwargs)
+
+    def chat_tokens(self, messages: Sequence[Dict[str, str]], *, chat_template: Optional[str] = None,
+                    add_assistant: bool = True) -> List[int]:
+        """The token ids of ``messages`` in the chat template, ready for :meth:`generate`.
+
+        Only the template's own markers become special tokens: ``<|im_end|>`` or ``</s>``
+        inside a message stay text. ``add_assistant`` ends with the opening of the reply.
         """
         pairs = []
         for m in messages:
@@ -313,8 +418,34 @@ class LocalModel:
             raise ValueError("this model file has no chat template: pass chat_template= (CLI: --chat-template) with "
                              "a template or a built-in name such as 'chatml', 'llama3' or 'mistral-v7', or use "
                              "generate() with a prompt of your own")
-        text = self._vocab.apply_chat_template(pairs, True, chat_template or "")
-        return self.generate(self.tokenize(text, add_special=True, parse_special=True), **kwargs)
+        template = chat_template or ""
+        text = self._vocab.apply_chat_template(pairs, add_assistant, template)
+        whole = self.tokenize(text, add_special=True, parse_special=True)
+        if all(self.tokenize(c, add_special=False, parse_special=True) ==
+               self.tokenize(c, add_special=False, parse_special=False) for _, c in pairs):
+            return whole  # no content spells a special token: exactly llama.cpp's tokens
+        # Some content does. The template rendered around placeholders shows where each content
+        # sits: the pieces between are the template's (special tokens parsed), the contents text.
+        marks = [f"\ue000{i}\ue001" for i in range(len(pairs))]
+        skeleton = self._vocab.apply_chat_template([(r, m) for (r, _), m in zip(pairs, marks)], add_assistant,
+                                                   template)
+        for contents in ([c for _, c in pairs], [c.strip() for _, c in pairs]):  # some templates trim
+            parts, rest = [], skeleton
+            for mark, content in zip(marks, contents):
+                head, found, rest = rest.partition(mark)
+                if not found:
+                    break
+                parts += [(head, True), (content, False)]
+            else:
+                parts.append((rest, True))
+                if "".join(t for t, _ in parts) == text:
+                    ids: List[int] = []
+                    for piece, special in parts:
+                        if piece:
+                            ids += self.tokenize(piece, add_special=not ids, parse_special=special)
+                    return ids
+        raise ValueError("the chat template rewrites message contents, so special-token text in them cannot be "
+                         "kept as text; remove it from the messages")
 
     def _generate(self, ids: List[int], max_tokens: int, params: SamplingParams,
                   stop: Optional[Union[str, Sequence[str]]], progress: Optional[ProgressCallback]) -> Iterator[str]:
@@ -343,8 +474,7 @@ class LocalModel:
         with self._lock:
             self._cache_epoch += 1
             epoch = self._cache_epoch
-            self._engine.reset()
-            logits = self._eval(ids, progress=progress)
+            logits = self._prefill(ids, progress)
         history = list(ids)
         decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
         hold = max((len(s) for s in stops), default=1) - 1  # chars kept back: a stop may straddle pieces
