@@ -19,7 +19,7 @@ fi
 echo "setup: installing build and test requirements" >&2
 "$PY" -m pip install --disable-pip-version-check -q \
     "scikit-build-core>=0.10" "pybind11>=2.12" "cmake>=3.21" ninja "numpy>=1.23" "pytest>=7" "gguf>=0.10" \
-    "matplotlib>=3.5" "build>=1.0"  # the plot extra (the tests cover --plot); the install check
+    "matplotlib>=3.5" "build>=1.0" "pexpect>=4.8"  # the plot extra (the tests cover --plot); the install check; the terminal chat test
 if [ ! -d build ]; then
     echo "setup: building pyselfextend; the first build fetches the pinned llama.cpp source and compiles" \
          "ggml and libllama: a few minutes on two cores" >&2

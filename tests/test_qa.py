@@ -151,7 +151,8 @@ def test_prompt_cache_reads_the_document_once(smollm_path, tmp_path):
 
 @pytest.mark.model
 def test_interactive_chat_in_a_terminal(smollm_path, tmp_path):
-    pexpect = pytest.importorskip("pexpect")
+    import pexpect  # a real pseudo-terminal: the chat sees a terminal, as a user's would
+
     doc = tmp_path / "log.txt"
     doc.write_text(DOC)
     child = pexpect.spawn(sys.executable, ["-m", "pyselfextend", "chat", "-m", str(smollm_path), "--file", str(doc),
