@@ -191,7 +191,7 @@ PYBIND11_MODULE(_engine, m) {
 
     py::class_<engine>(m, "Engine", "A model with its KV cache and CPU compute threads.")
         .def(py::init([](std::shared_ptr<gguf_model> model, int64_t n_ctx, int64_t n_batch, int64_t n_threads,
-                         const std::string & cache_type, int32_t group_size, int32_t window, const std::string & path,
+                         const std::string & cache_type, int64_t group_size, int64_t window, const std::string & path,
                          const std::string & rope_scaling, float rope_factor, bool adaptive_threads) {
                  engine_params p;
                  using rs = engine_params::rope_scaling;
@@ -200,8 +200,8 @@ PYBIND11_MODULE(_engine, m) {
                  }
                  p.scaling = rope_scaling == "linear" ? rs::linear : rope_scaling == "yarn" ? rs::yarn : rs::none;
                  p.rope_factor = rope_factor;
-                 p.group_size = group_size;
-                 p.window = window;
+                 p.group_size = narrow("group_size", group_size);
+                 p.window = narrow("window", window);
                  using pc = engine_params::path_choice;
                  if (path != "auto" && path != "fused" && path != "portable") {
                      throw std::invalid_argument("attention_path must be 'auto', 'fused' or 'portable', got '" + path + "'");
@@ -226,12 +226,20 @@ PYBIND11_MODULE(_engine, m) {
              },
              py::arg("tokens"), py::arg("all_logits") = false, py::arg("progress") = py::none())
         .def("reset", &engine::reset)
-        .def("truncate", &engine::truncate, py::arg("n"))
+        .def("truncate", [](engine & e, int64_t n) { e.truncate(narrow("n", n)); }, py::arg("n"))
         .def("read_state",
-             [](const engine & e, int32_t n) {
-                 const size_t size = e.state_bytes(n);
-                 py::bytes out(nullptr, size);  // filled in place: states are hundreds of MB
-                 e.read_state(n, (uint8_t *) PyBytes_AsString(out.ptr()));
+             [](const engine & e, int64_t n64) {
+                 const int32_t n = narrow("n", n64);
+                 if (n < 0 || n > e.n_past()) {
+                     throw std::invalid_argument("read_state(" + std::to_string(n) + "): the cache holds " +
+                                                 std::to_string(e.n_past()) + " tokens");
+                 }
+                 py::bytes out(nullptr, e.state_bytes(n));  // filled in place: states are hundreds of MB
+                 uint8_t * dst = (uint8_t *) PyBytes_AsString(out.ptr());
+                 {
+                     py::gil_scoped_release release;  // the new bytes object is not shared yet
+                     e.read_state(n, dst);
+                 }
                  return out;
              },
              py::arg("n"), "The first n cached tokens' K and V rows, every layer.")

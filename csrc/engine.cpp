@@ -50,7 +50,9 @@ engine::engine(std::shared_ptr<gguf_model> model, const engine_params & params)
                 ? attention_path::portable : attention_path::fused;
     ggml_backend_cpu_set_abort_callback(backend_.get(), [](void * data) { return ((std::atomic<bool> *) data)->load(); }, &abort_);
     // The fused path keeps neighbor keys in a ring that must hold W + one batch of keys.
-    ring_size_ = G > 1 && path_ == attention_path::fused ? W + params_.n_batch : 0;
+    const int64_t ring = G > 1 && path_ == attention_path::fused ? (int64_t) W + params_.n_batch : 0;
+    if (ring > INT32_MAX) throw std::invalid_argument("window + n_batch is out of range");
+    ring_size_ = (int32_t) ring;
     cache_.init(model_->hp, params_.n_ctx, params_.cache_type, ring_size_);
     // The weights (mapped), the cache and the compute buffers must fit together.
     cache_bytes_ = cache_.bytes_needed(backend_.get());
@@ -73,13 +75,14 @@ engine::engine(std::shared_ptr<gguf_model> model, const engine_params & params)
 }
 
 size_t engine::measure_compute_bytes() {
-    // The largest graph: a full batch at the end of the context.
+    // The largest graph: a full batch at the end of the context, every row's logits (as eval
+    // with all_logits asks).
     ggml_init_params ip = {graph_meta_.size(), graph_meta_.data(), /*no_alloc =*/ true};
     ggml_context * ctx = ggml_init(ip);
     llama_graph_inputs in;
     const int32_t n_tokens = params_.n_batch;
     ggml_cgraph * gf = build_llama_graph(ctx, *model_, cache_, attention_cfg(), rope_override_,
-                                         params_.n_ctx - n_tokens, n_tokens, 1, in);
+                                         params_.n_ctx - n_tokens, n_tokens, n_tokens, in);
     size_t bytes = 0;
     // A measuring allocator of its own: after a size-only reserve, an allocator believes its
     // (never allocated) buffer fits any graph of the same shape.

@@ -4,13 +4,33 @@
 #include <cstdio>
 #include <cstring>
 #include <dirent.h>
+#include <sched.h>
 #include <string>
 #include <unistd.h>
 
 namespace pse {
 
+#ifdef __linux__
+// A cgroup v2 memory limit (a container's) less what the group already uses, or 0 if none.
+static size_t cgroup_memory_left() {
+    unsigned long long max = 0, current = 0;
+    bool limited = false;
+    if (FILE * f = std::fopen("/sys/fs/cgroup/memory.max", "r")) {
+        limited = std::fscanf(f, "%llu", &max) == 1;  // "max" (no limit) does not parse
+        std::fclose(f);
+    }
+    if (!limited) return 0;
+    if (FILE * f = std::fopen("/sys/fs/cgroup/memory.current", "r")) {
+        if (std::fscanf(f, "%llu", &current) != 1) current = 0;
+        std::fclose(f);
+    }
+    return max > current ? (size_t) (max - current) : 1;
+}
+#endif
+
 size_t available_memory() {
 #ifdef __linux__
+    const size_t cgroup = cgroup_memory_left();
     if (FILE * f = std::fopen("/proc/meminfo", "r")) {
         char line[256];
         unsigned long long kib = 0;
@@ -22,7 +42,7 @@ size_t available_memory() {
             }
         }
         std::fclose(f);
-        if (found) return (size_t) kib * 1024;
+        if (found) return cgroup ? std::min(cgroup, (size_t) kib * 1024) : (size_t) kib * 1024;
     }
 #endif
     const long pages = sysconf(_SC_PHYS_PAGES), page = sysconf(_SC_PAGESIZE);
@@ -74,7 +94,9 @@ int32_t threads_that_can_run(int32_t n_threads) {
         }
         closedir(d);
     }
-    const long cores = sysconf(_SC_NPROCESSORS_ONLN);
+    // The cores this process may run on (its affinity mask), not the machine's.
+    cpu_set_t set;
+    const long cores = sched_getaffinity(0, sizeof set, &set) == 0 ? CPU_COUNT(&set) : sysconf(_SC_NPROCESSORS_ONLN);
     const int others = std::max(0, running - std::max(ours, 1));
     return std::max<int32_t>(1, std::min<int32_t>(n_threads, (int32_t) (cores - others)));
 #else

@@ -10,7 +10,7 @@ from __future__ import annotations
 import sys
 import time
 from pathlib import Path
-from typing import Dict, List, Optional, Sequence, TextIO
+from typing import Dict, List, Optional, Sequence, TextIO, Tuple
 
 from .model import LocalModel
 from .progress import ProgressBar
@@ -25,21 +25,14 @@ commands:
 Ctrl-C while an answer is written stops it."""
 
 
-def system_message(system: Optional[str], files: Sequence[str]) -> Optional[Dict[str, str]]:
-    """The conversation's first message: ``system`` text followed by each document, or None."""
+def system_message(system: Optional[str], documents: Sequence[Tuple[str, str]]) -> Optional[Dict[str, str]]:
+    """The conversation's first message: ``system`` text followed by each (name, text) document,
+    or None when there is neither."""
     parts = [system] if system else []
-    for name in files:
-        data = Path(name).read_bytes()
-        try:
-            text = data.decode("utf-8")
-        except UnicodeDecodeError as e:
-            raise ValueError(f"{name} is not UTF-8 text: byte 0x{data[e.start]:02x} at offset {e.start}") from None
-        parts.append(f"Document {Path(name).name}:\n\n{text.strip()}")
-    if not parts:
-        return None
-    if files and not system:
-        parts.insert(0, "Answer questions about the documents below.")
-    return {"role": "system", "content": "\n\n".join(parts)}
+    if documents and not system:
+        parts.append("Answer questions about the documents below.")
+    parts += [f"Document {Path(name).name}:\n\n{text.strip()}" for name, text in documents]
+    return {"role": "system", "content": "\n\n".join(parts)} if parts else None
 
 
 class Conversation:
@@ -61,10 +54,8 @@ class Conversation:
         if not self.messages:
             return
         ids = self.tokens(self.messages, add_assistant=False)
+        self.llm.check_fits(len(ids), self.max_tokens)
         room = self.llm.n_ctx - len(ids) - self.max_tokens
-        if room < 0:
-            raise ValueError(f"the documents and system text take {len(ids)} tokens; with {self.max_tokens} for an "
-                             f"answer that exceeds n_ctx={self.llm.n_ctx}: use a larger --ctx")
         started = time.monotonic()
         self.llm.prefill(ids, progress=ProgressBar("reading", stream=self.err))
         self.say(f"read {len(ids):,} tokens in {time.monotonic() - started:.1f} s; room left for the conversation: "
@@ -74,10 +65,11 @@ class Conversation:
         """Streams the answer to ``question``; Ctrl-C stops it, keeping what was written."""
         messages = self.messages + [{"role": "user", "content": question}]
         ids = self.tokens(messages)
-        if len(ids) + self.max_tokens > self.llm.n_ctx:
-            self.say(f"no room: the conversation with this question takes {len(ids):,} tokens and an answer up to "
-                     f"{self.max_tokens}, more than n_ctx={self.llm.n_ctx:,}; /reset to start over from the "
-                     "documents, or restart with a larger --ctx")
+        try:
+            self.llm.check_fits(len(ids), self.max_tokens)
+        except ValueError as e:
+            self.say(f"no room for this question: {e}; /reset to start over from the documents, or restart with a "
+                     "larger --ctx")
             return
         reply = ""
         try:
@@ -104,10 +96,12 @@ class Conversation:
         self.say(f"saved {len(self.llm.cached_tokens):,} tokens to {path}")
 
     def load(self, path: str) -> None:
-        metadata = self.llm.load_state(path)
-        messages = metadata.get("messages")
-        if not isinstance(messages, list):
+        from .state import read_metadata
+
+        messages = read_metadata(path).get("messages")  # before the cache is replaced
+        if not isinstance(messages, list) or not all(isinstance(m, dict) for m in messages):
             raise ValueError(f"{path} holds no conversation (it was not saved by chat's /save)")
+        self.llm.load_state(path)
         self.messages = messages
         self.say(f"loaded {len(self.llm.cached_tokens):,} tokens and {len(messages)} messages from {path}")
 
@@ -155,5 +149,5 @@ def run_interactive(conversation: Conversation, read_line=input) -> int:
                 conversation.say(f"unknown command {command}; /help lists them")
             else:
                 conversation.ask(line)
-        except (ValueError, OSError, RuntimeError) as e:  # a bad file or setting: say it, keep the conversation
+        except (ValueError, TypeError, OSError, RuntimeError) as e:  # bad input: say it, keep the conversation
             conversation.say(f"error: {e}")

@@ -193,7 +193,14 @@ def _run_generation(args: argparse.Namespace, chat: bool) -> int:
     interactive = chat and args.prompt is None and args.prompt_file is None and sys.stdin is not None \
         and sys.stdin.isatty()
     prompt = None if interactive else _read_prompt(args)
-    start = [m for m in [system_message(args.system, args.file)] if m] if chat else []
+    start = []
+    if chat:
+        documents = []
+        for name in args.file:
+            with open(name, "rb") as f:
+                documents.append((name, _utf8(f.read(), name)))
+        system = None if args.system is None else _utf8(args.system.encode("utf-8", "surrogateescape"), "--system")
+        start = [m for m in [system_message(system, documents)] if m]
     llm = _open_model(args, args.ctx, args.batch)
     generation = dict(max_tokens=args.max_tokens, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
                       min_p=args.min_p, repeat_penalty=args.repeat_penalty, seed=args.seed, stop=args.stop)
@@ -216,11 +223,11 @@ def _run_generation(args: argparse.Namespace, chat: bool) -> int:
         ids = llm.tokenize(prompt, parse_special=args.special)
     if args.prompt_cache:
         _load_prompt_cache(llm, args.prompt_cache)
-        if len(ids) + args.max_tokens <= llm.n_ctx:  # else generate says why it cannot start
-            cached = llm.cached_tokens
-            llm.prefill(ids, progress=ProgressBar())
-            if llm.cached_tokens != cached:
-                _save_prompt_cache(llm, args.prompt_cache)
+        llm.check_fits(len(ids), args.max_tokens)
+        cached = llm.cached_tokens
+        llm.prefill(ids, progress=ProgressBar())
+        if llm.cached_tokens != cached:
+            _save_prompt_cache(llm, args.prompt_cache)
     for piece in llm.generate(ids, stream=True, progress=ProgressBar(), **generation):
         sys.stdout.write(piece)
         sys.stdout.flush()
@@ -232,10 +239,13 @@ def _load_prompt_cache(llm, path: str) -> None:
     """Loads a saved state when there is one that fits this model; says why one is not used."""
     import os
 
-    from .state import CorruptState, StateMismatch
+    from .state import CorruptState, StateMismatch, is_state_file
 
     if not os.path.exists(path):
         return
+    if not os.path.isfile(path) or not is_state_file(path):
+        raise ValueError(f"--prompt-cache {path}: the file exists and is not a pyselfextend state file; "
+                         "refusing to replace it")
     try:
         llm.load_state(path)
         print(f"pyselfextend: prompt cache {path}: {len(llm.cached_tokens):,} tokens", file=sys.stderr)

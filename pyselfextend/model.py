@@ -37,6 +37,17 @@ def _require_int(name: str, value: object) -> int:
     return int(value)
 
 
+def _check_text(name: str, text: object) -> None:
+    """TypeError for anything but str, ValueError for a str that cannot be UTF-8."""
+    if not isinstance(text, str):
+        raise TypeError(f"{name} must be str, got {type(text).__name__} (decode bytes first, e.g. data.decode('utf-8'))")
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise ValueError(f"{name} is not valid Unicode: {text[e.start]!r} at index {e.start} "
+                         "(bytes that were not UTF-8?)") from None
+
+
 def token_ids(ids: object, name: str = "token ids") -> List[int]:
     """A sequence of token ids as a list of ints; TypeError naming the first item that is not one.
 
@@ -108,6 +119,8 @@ class LocalModel:
         rope_factor: see ``rope_scaling``.
         attention_path: how SelfExtend scores are computed: ``"auto"`` (the fused kernel on the CPU
             backend, standard ggml ops on any other), ``"fused"`` or ``"portable"``.
+        adaptive_threads: run fewer compute threads while other processes keep cores busy (the
+            results do not change; ``False`` keeps ``n_threads`` always, as for benchmarks).
         verbose: print libllama/ggml log messages to stderr.
 
     Raises:
@@ -135,6 +148,7 @@ class LocalModel:
         attention_path: str = "auto",
         rope_scaling: Optional[str] = None,
         rope_factor: Optional[float] = None,
+        adaptive_threads: bool = True,
         verbose: bool = False,
     ) -> None:
         # Types here; every range (n_ctx, n_batch, threads, cache type, attention path, memory) is
@@ -155,7 +169,7 @@ class LocalModel:
                                               rope_scaling, rope_factor)
         self._engine = _engine.Engine(self._model, n_ctx, n_batch, n_threads, cache_type,
                                       self.plan.group_size, self.plan.window, attention_path,
-                                      self.plan.rope_scaling, self.plan.rope_factor)
+                                      self.plan.rope_scaling, self.plan.rope_factor, bool(adaptive_threads))
         self.n_threads = n_threads
         self._cache_type = cache_type
         #: Prompt tokens per graph run (``n_batch`` capped at ``n_ctx``).
@@ -223,13 +237,7 @@ class LocalModel:
         that cannot be UTF-8 (lone surrogates, as bytes that were not UTF-8 become under
         ``surrogateescape``).
         """
-        if not isinstance(text, str):
-            raise TypeError(f"text must be str, got {type(text).__name__} (decode bytes first, e.g. data.decode('utf-8'))")
-        try:
-            text.encode("utf-8")
-        except UnicodeEncodeError as e:
-            raise ValueError(f"text is not valid Unicode: {text[e.start]!r} at index {e.start} "
-                             "(bytes that were not UTF-8?)") from None
+        _check_text("text", text)
         return list(self._vocab.tokenize(text, add_special, parse_special))
 
     def detokenize(self, ids: Sequence[int], *, render_special: bool = False) -> str:
@@ -291,16 +299,20 @@ class LocalModel:
             self._truncate(n)
 
     def _truncate(self, n: int) -> None:
-        if n != self._engine.n_past:
-            self._engine.truncate(n)
-        del self._tokens[n:]
+        try:
+            if n != self._engine.n_past:
+                self._engine.truncate(n)
+        finally:  # also when Ctrl-C lands just after the engine call
+            del self._tokens[self._engine.n_past:]
 
     def reset(self) -> None:
         """Empties the KV cache."""
         with self._lock:
             self._cache_epoch += 1
-            self._engine.reset()
-            self._tokens = []
+            try:
+                self._engine.reset()
+            finally:
+                self._tokens = []
 
     def save_state(self, path: PathLike, *, metadata: Optional[Dict[str, object]] = None) -> None:
         """Writes the cached tokens and their KV cache to ``path``, atomically.
@@ -328,9 +340,24 @@ class LocalModel:
         tokens, kv, metadata = read_state(path, self._state_settings())
         with self._lock:
             self._cache_epoch += 1
-            self._engine.write_state(len(tokens), kv)
+            try:
+                self._engine.write_state(len(tokens), kv)
+            except BaseException:
+                self._engine.reset()  # the rows may be half written: nothing of them may be reused
+                self._tokens = []
+                raise
             self._tokens = tokens
         return metadata
+
+    def check_fits(self, n_prompt: int, max_tokens: int) -> None:
+        """Raises ValueError, with the numbers, when a prompt of ``n_prompt`` tokens plus up to
+        ``max_tokens`` generated ones does not fit in ``n_ctx``; nothing is ever cut to fit."""
+        if n_prompt + max_tokens > self.n_ctx:
+            reach = self.plan.usable_length
+            limit = f"; this model reaches {reach} tokens with {self.plan.describe().split(':')[0]}" if reach else ""
+            raise ValueError(
+                f"prompt ({n_prompt} tokens) + max_tokens ({max_tokens}) = {n_prompt + max_tokens} tokens exceeds "
+                f"the context size n_ctx={self.n_ctx}{limit}")
 
     def _state_settings(self) -> Dict[str, object]:
         from .state import model_identity
@@ -411,6 +438,8 @@ class LocalModel:
                 raise ValueError("each message must be a dict with 'role' and 'content'")
             if not isinstance(m["role"], str) or not isinstance(m["content"], str):
                 raise TypeError(f"message role and content must be str, got {m!r}")
+            _check_text("a message's role", m["role"])
+            _check_text("a message's content", m["content"])
             pairs.append((m["role"], m["content"]))
         if not pairs:
             raise ValueError("chat() needs at least one message")
@@ -419,6 +448,7 @@ class LocalModel:
                              "a template or a built-in name such as 'chatml', 'llama3' or 'mistral-v7', or use "
                              "generate() with a prompt of your own")
         template = chat_template or ""
+        _check_text("chat_template", template)
         text = self._vocab.apply_chat_template(pairs, add_assistant, template)
         whole = self.tokenize(text, add_special=True, parse_special=True)
         if all(self.tokenize(c, add_special=False, parse_special=True) ==
@@ -439,13 +469,29 @@ class LocalModel:
             else:
                 parts.append((rest, True))
                 if "".join(t for t, _ in parts) == text:
-                    ids: List[int] = []
+                    # The BOS the tokenizer adds (if any) once, before the first piece.
+                    ids: List[int] = [t for t in self.tokenize("", add_special=True)[:1] if t == self._vocab.bos]
                     for piece, special in parts:
                         if piece:
-                            ids += self.tokenize(piece, add_special=not ids, parse_special=special)
+                            # A control token renders as nothing; after one, text starts afresh.
+                            fresh = not ids or not self._vocab.token_to_piece(ids[-1], False)
+                            ids += self._tokenize_piece(piece, special, fresh)
                     return ids
         raise ValueError("the chat template rewrites message contents, so special-token text in them cannot be "
                          "kept as text; remove it from the messages")
+
+    def _tokenize_piece(self, piece: str, parse_special: bool, fresh: bool) -> List[int]:
+        """Tokens of one piece of a longer text. SentencePiece vocabularies put a space before
+        text that starts a tokenize call (or follows a control token), which a piece in the
+        middle of running text must not get: it is tokenized behind a sentinel whose own tokens
+        are then dropped."""
+        ids = self.tokenize(piece, add_special=False, parse_special=parse_special)
+        if fresh or not ids:
+            return ids
+        sentinel = "\ue000"
+        head = self.tokenize(sentinel, add_special=False, parse_special=False)
+        both = self.tokenize(sentinel + piece, add_special=False, parse_special=parse_special)
+        return both[len(head):] if both[: len(head)] == head else ids
 
     def _generate(self, ids: List[int], max_tokens: int, params: SamplingParams,
                   stop: Optional[Union[str, Sequence[str]]], progress: Optional[ProgressCallback]) -> Iterator[str]:
@@ -453,12 +499,7 @@ class LocalModel:
             raise ValueError(f"max_tokens must be >= 0, got {max_tokens!r}")
         if not ids:
             raise ValueError("the prompt is empty")
-        if len(ids) + max_tokens > self.n_ctx:
-            reach = self.plan.usable_length
-            limit = f"; this model reaches {reach} tokens with {self.plan.describe().split(':')[0]}" if reach else ""
-            raise ValueError(
-                f"prompt ({len(ids)} tokens) + max_tokens ({max_tokens}) = {len(ids) + max_tokens} tokens exceeds "
-                f"the context size n_ctx={self.n_ctx}{limit}")
+        self.check_fits(len(ids), max_tokens)
         sampler = Sampler(params)  # validates the sampling options before any work
         stops = [stop] if isinstance(stop, str) else list(stop or [])
         if any(not isinstance(s, str) for s in stops):

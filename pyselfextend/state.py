@@ -41,6 +41,26 @@ class CorruptState(ValueError):
     """A saved state file is truncated, damaged or not a state file."""
 
 
+def is_state_file(path: PathLike) -> bool:
+    """Whether ``path`` starts like a state file (to tell one from a file that must not be replaced)."""
+    with open(path, "rb") as f:
+        return f.read(len(MAGIC)) == MAGIC
+
+
+def read_metadata(path: PathLike) -> Dict[str, object]:
+    """The metadata saved with a state, from its header alone (unchecked: load_state checks)."""
+    with open(path, "rb") as f:
+        head = f.read(len(MAGIC) + 12)
+        if len(head) < len(MAGIC) + 12 or not head.startswith(MAGIC):
+            raise CorruptState(f"{path}: not a pyselfextend state file")
+        header_len = struct.unpack_from("<Q", head, len(MAGIC) + 4)[0]
+        try:
+            metadata = json.loads(f.read(min(header_len, 1 << 30))).get("metadata", {})
+        except (ValueError, AttributeError) as e:
+            raise CorruptState(f"{path}: unreadable header ({e})") from None
+    return metadata if isinstance(metadata, dict) else {}
+
+
 def model_identity(path: PathLike) -> Dict[str, object]:
     """The model file's size and the sha256 of its first 16 MiB (the GGUF header and more)."""
     h = hashlib.sha256()
@@ -90,15 +110,18 @@ def read_state(path: PathLike, settings: Dict[str, object]) -> Tuple[List[int], 
     fixed = len(MAGIC) + 12
     if len(data) < fixed + 32 or not data.startswith(MAGIC):
         raise CorruptState(f"{path}: not a pyselfextend state file")
+    if hashlib.sha256(memoryview(data)[:-32]).digest() != data[-32:]:
+        raise CorruptState(f"{path}: checksum mismatch: the file is truncated or damaged")
     version, header_len = struct.unpack_from("<IQ", data, len(MAGIC))
     if version != FORMAT_VERSION:
         raise StateMismatch(f"{path}: state format version {version}; this pyselfextend reads version {FORMAT_VERSION}")
-    if hashlib.sha256(memoryview(data)[:-32]).digest() != data[-32:]:
-        raise CorruptState(f"{path}: checksum mismatch: the file is truncated or damaged")
     try:
         header = json.loads(data[fixed:fixed + header_len])
-        n_tokens, kv_bytes = int(header["n_tokens"]), int(header["kv_bytes"])
-        saved = header["settings"]
+        n_tokens, kv_bytes = header["n_tokens"], header["kv_bytes"]
+        saved, metadata = header["settings"], header.get("metadata", {})
+        if not (isinstance(n_tokens, int) and isinstance(kv_bytes, int) and isinstance(saved, dict)
+                and isinstance(metadata, dict) and 0 <= n_tokens and 0 <= kv_bytes):
+            raise ValueError("fields of the wrong type or sign")
     except (ValueError, KeyError, TypeError) as e:
         raise CorruptState(f"{path}: unreadable header ({e})") from None
     differ = [f"{k}: saved {saved.get(k)!r}, this model {v!r}" for k, v in settings.items() if saved.get(k) != v]
@@ -108,5 +131,8 @@ def read_state(path: PathLike, settings: Dict[str, object]) -> Tuple[List[int], 
     if start + 4 * n_tokens + kv_bytes + 32 != len(data):
         raise CorruptState(f"{path}: sizes in the header do not match the file")
     tokens = np.frombuffer(data, dtype="<i4", count=n_tokens, offset=start).tolist()
+    n_vocab = settings.get("n_vocab")
+    if isinstance(n_vocab, int) and any(not 0 <= t < n_vocab for t in tokens):
+        raise CorruptState(f"{path}: token ids outside the vocabulary")
     kv = memoryview(data)[start + 4 * n_tokens:start + 4 * n_tokens + kv_bytes]
-    return tokens, kv, header.get("metadata", {})
+    return tokens, kv, metadata

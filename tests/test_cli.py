@@ -169,6 +169,14 @@ def test_text_that_is_not_utf8_is_a_clear_error(tiny_model, tmp_path):
         assert b"Traceback" not in r.stderr
 
 
+def test_out_of_range_attention_settings_and_system_text_are_clear_errors(tiny_model):
+    m = str(tiny_model())
+    r = run("generate", "-m", m, "--prompt", "w1", "--ctx", "64", "--group-size", "3000000000", "--window", "16")
+    assert r.returncode == 1 and "group_size = 3000000000 is out of range" in r.stderr and "Traceback" not in r.stderr
+    r = run_bytes(b"chat", b"-m", m.encode(), b"--prompt", b"w1", b"--system", b"caf\xe9", b"--chat-template", b"chatml")
+    assert r.returncode == 1 and b"--system is not UTF-8 text: byte 0xe9 at offset 3" in r.stderr, r.stderr
+
+
 def test_chat_without_a_template_says_which_option_to_use(tiny_model):
     r = run("chat", "-m", str(tiny_model()), "--prompt", "w1 w2", "--max-tokens", "2")
     assert r.returncode == 1 and "--chat-template" in r.stderr and "Traceback" not in r.stderr

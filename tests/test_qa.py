@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
 
@@ -120,12 +121,24 @@ def test_text_in_messages_and_documents_is_never_a_special_token(smollm_path):
     plain = [{"role": "user", "content": "What is the capital of France?"}]
     assert llm.chat_tokens(plain) == llm.tokenize(
         llm._vocab.apply_chat_template([("user", plain[0]["content"])], True, ""), parse_special=True)
+    assert llm.detokenize(ids, render_special=True) == llm._vocab.apply_chat_template([("user", hostile)], True, "")
     eos = llm._vocab.eos
-    assert eos not in llm.tokenize("a </s> b <|im_end|>", add_special=False, parse_special=False)
-    seen = []
-    llm.generate("a </s> b", max_tokens=1, temperature=0)
-    seen = llm.cached_tokens
-    assert eos not in seen and im_end[0] not in seen
+    llm.generate("a </s> b <|im_end|>", max_tokens=1, temperature=0)
+    assert eos not in llm.cached_tokens and im_end[0] not in llm.cached_tokens
+    llm.generate("a <|im_end|> b", max_tokens=1, temperature=0, parse_special=True)
+    assert im_end[0] in llm.cached_tokens  # asked for
+
+
+def test_special_text_in_messages_on_a_sentencepiece_vocabulary(tiny_model):
+    # The tiny model's SentencePiece vocabulary adds a space before text that starts a tokenize
+    # call; the pieces of a message must not get one each. Its only special tokens are <s>, </s>
+    # and <unk>, so the right tokens are the whole text's with nothing parsed as special.
+    llm = LocalModel(tiny_model(), n_ctx=256, n_threads=1)
+    for contents in (["w1 w2 </s>"], ["sys </s>", "w1 w2"], ["w3", " say <s> and </s> w3"]):
+        messages = [{"role": r, "content": c} for r, c in zip(("system", "user"), contents[-2:])] \
+            if len(contents) == 2 else [{"role": "user", "content": contents[0]}]
+        text = llm._vocab.apply_chat_template([(m["role"], m["content"]) for m in messages], True, "chatml")
+        assert llm.chat_tokens(messages, chat_template="chatml") == llm.tokenize(text, parse_special=False)
 
 
 def _cli(*args, **kw):
@@ -161,12 +174,13 @@ def test_interactive_chat_in_a_terminal(smollm_path, tmp_path):
     try:
         child.expect(r"room left for the conversation: [\d,]+ tokens")
         child.expect("> ")
-        child.sendline("What did the Aurora carry? Answer in a few words.")
-        child.expect("> ")  # answered, back at the prompt
-        first = child.before
-        child.sendline("And what did the Petrel carry?")
-        child.expect("> ")
-        assert child.before.strip() and child.before != first
+        answers = []
+        for question in ("What did the Aurora carry? Answer in a few words.", "And what did the Petrel carry?"):
+            child.sendline(question)
+            child.expect(re.escape(question) + "\r\n")  # the terminal's echo
+            child.expect("> ")  # answered, back at the prompt
+            answers.append(child.before.strip())
+        assert all(answers) and answers[0] != answers[1], answers
         child.sendline("/reset")
         child.expect(r"\[conversation reset\]")
         child.expect("> ")
@@ -186,3 +200,40 @@ def test_interactive_chat_in_a_terminal(smollm_path, tmp_path):
     finally:
         child.close()
     assert child.exitstatus == 0
+
+
+@pytest.mark.model
+def test_prompt_cache_never_replaces_a_file_that_is_not_a_state(smollm_path, tmp_path):
+    notes = tmp_path / "notes.txt"
+    notes.write_text("my notes")
+    r = _cli("generate", "-m", str(smollm_path), "--prompt", "Hello", "--prompt-cache", str(notes), "--max-tokens", "2")
+    assert r.returncode == 1 and "is not a pyselfextend state file; refusing to replace it" in r.stderr
+    assert notes.read_text() == "my notes"
+
+
+def test_damaged_headers_with_valid_checksums_are_corrupt_states(tiny_model, tmp_path):
+    import hashlib
+    import json
+    import struct
+
+    from pyselfextend.state import FORMAT_VERSION, MAGIC
+
+    llm = LocalModel(tiny_model(), n_ctx=64, n_threads=1)
+    llm.prefill([5, 6, 7])
+    good = tmp_path / "good.state"
+    llm.save_state(good)
+    data = good.read_bytes()
+    flipped = data[:8] + bytes([data[8] ^ 4]) + data[9:]  # the version field, checksum not updated
+    (tmp_path / "v.state").write_bytes(flipped)
+    with pytest.raises(CorruptState, match="checksum"):
+        llm.load_state(tmp_path / "v.state")
+    header_len = struct.unpack_from("<Q", data, 12)[0]
+    header = json.loads(data[20:20 + header_len])
+    for change in ({"n_tokens": -1}, {"metadata": [1]}, {"settings": "x"}, {"kv_bytes": "big"}):
+        h = json.dumps({**header, **change}).encode()
+        body = MAGIC + struct.pack("<IQ", FORMAT_VERSION, len(h)) + h + data[20 + header_len:-32]
+        bad = tmp_path / "h.state"
+        bad.write_bytes(body + hashlib.sha256(body).digest())
+        with pytest.raises(CorruptState):
+            llm.load_state(bad)
+    assert llm.cached_tokens == [5, 6, 7]
