@@ -148,13 +148,21 @@ def _utf8(data: bytes, source: str) -> str:
         raise ValueError(f"{source} is not UTF-8 text: byte 0x{data[e.start]:02x} at offset {e.start}") from None
 
 
+def _arg_text(value: str, option: str) -> str:
+    """An argument's text; arguments that are not UTF-8 reach Python as lone surrogates."""
+    return _utf8(value.encode("utf-8", "surrogateescape"), option)
+
+
+def _file_text(path: str) -> str:
+    with open(path, "rb") as f:
+        return _utf8(f.read(), path)
+
+
 def _read_prompt(args: argparse.Namespace) -> str:
     if args.prompt is not None:
-        # Arguments that are not UTF-8 reach Python as lone surrogates; these are their bytes.
-        return _utf8(args.prompt.encode("utf-8", "surrogateescape"), "--prompt")
+        return _arg_text(args.prompt, "--prompt")
     if args.prompt_file is not None:
-        with open(args.prompt_file, "rb") as f:
-            return _utf8(f.read(), args.prompt_file)
+        return _file_text(args.prompt_file)
     if sys.stdin is None or sys.stdin.isatty():
         raise ValueError("no prompt: give --prompt TEXT, --prompt-file FILE, or pipe text on stdin")
     return _utf8(sys.stdin.buffer.read(), "stdin")
@@ -195,22 +203,15 @@ def _run_generation(args: argparse.Namespace, chat: bool) -> int:
     prompt = None if interactive else _read_prompt(args)
     start = []
     if chat:
-        documents = []
-        for name in args.file:
-            with open(name, "rb") as f:
-                documents.append((name, _utf8(f.read(), name)))
-        system = None if args.system is None else _utf8(args.system.encode("utf-8", "surrogateescape"), "--system")
+        documents = [(name, _file_text(name)) for name in args.file]
+        system = None if args.system is None else _arg_text(args.system, "--system")
         start = [m for m in [system_message(system, documents)] if m]
     llm = _open_model(args, args.ctx, args.batch)
     generation = dict(max_tokens=args.max_tokens, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
                       min_p=args.min_p, repeat_penalty=args.repeat_penalty, seed=args.seed, stop=args.stop)
     if interactive:
         conversation = Conversation(llm, start, chat_template=args.chat_template, generation=generation)
-        if args.prompt_cache:
-            _load_prompt_cache(llm, args.prompt_cache)
-        conversation.read_documents()
-        if args.prompt_cache:
-            _save_prompt_cache(llm, args.prompt_cache)
+        _with_prompt_cache(llm, args.prompt_cache, conversation.read_documents)
         try:
             import readline  # noqa: F401 - line editing and history for input()
         except ImportError:
@@ -222,17 +223,27 @@ def _run_generation(args: argparse.Namespace, chat: bool) -> int:
     else:
         ids = llm.tokenize(prompt, parse_special=args.special)
     if args.prompt_cache:
-        _load_prompt_cache(llm, args.prompt_cache)
         llm.check_fits(len(ids), args.max_tokens)
-        cached = llm.cached_tokens
-        llm.prefill(ids, progress=ProgressBar())
-        if llm.cached_tokens != cached:
-            _save_prompt_cache(llm, args.prompt_cache)
+        _with_prompt_cache(llm, args.prompt_cache, lambda: llm.prefill(ids, progress=ProgressBar()))
     for piece in llm.generate(ids, stream=True, progress=ProgressBar(), **generation):
         sys.stdout.write(piece)
         sys.stdout.flush()
     sys.stdout.write("\n")
     return 0
+
+
+def _with_prompt_cache(llm, path: Optional[str], read) -> None:
+    """Runs ``read`` (which fills the cache with the prompt) between loading the state saved in
+    ``path`` and saving it again, when ``path`` is given; saves only when the cache changed."""
+    if not path:
+        read()
+        return
+    _load_prompt_cache(llm, path)
+    cached = llm.cached_tokens
+    read()
+    if llm.cached_tokens != cached:
+        llm.save_state(path)
+        print(f"pyselfextend: prompt cache {path}: saved {len(llm.cached_tokens):,} tokens", file=sys.stderr)
 
 
 def _load_prompt_cache(llm, path: str) -> None:
@@ -251,11 +262,6 @@ def _load_prompt_cache(llm, path: str) -> None:
         print(f"pyselfextend: prompt cache {path}: {len(llm.cached_tokens):,} tokens", file=sys.stderr)
     except (StateMismatch, CorruptState) as e:
         print(f"pyselfextend: not using the prompt cache: {e}; it will be rewritten", file=sys.stderr)
-
-
-def _save_prompt_cache(llm, path: str) -> None:
-    llm.save_state(path)
-    print(f"pyselfextend: prompt cache {path}: saved {len(llm.cached_tokens):,} tokens", file=sys.stderr)
 
 
 def cmd_pull(args: argparse.Namespace) -> int:
@@ -318,8 +324,7 @@ def cmd_perplexity(args: argparse.Namespace) -> int:
     from .perplexity import plot, summarize, token_nll
     from .progress import ProgressBar
 
-    with open(args.file, "rb") as f:
-        text = _utf8(f.read(), args.file)
+    text = _file_text(args.file)
     llm = _open_model(args, args.ctx, args.batch)
     ids = llm.tokenize(text)[: args.ctx]
     if len(ids) < args.ctx:

@@ -176,6 +176,7 @@ class LocalModel:
         self.n_batch: int = self._engine.n_batch
         self._lock = threading.RLock()
         self._tokens: List[int] = []  # what the cache holds, token by token
+        self._model_identity: Optional[Dict[str, object]] = None  # for saved states
         # Bumped by every call that changes the cache from outside a stream; a stream that finds
         # it changed since its last step was interrupted.
         self._cache_epoch = 0
@@ -362,7 +363,9 @@ class LocalModel:
     def _state_settings(self) -> Dict[str, object]:
         from .state import model_identity
 
-        return {"model": model_identity(self.path), "n_ctx": self.n_ctx, "cache_type": self._cache_type,
+        if self._model_identity is None:  # hashes 16 MiB of the file: once per model
+            self._model_identity = model_identity(self.path)
+        return {"model": self._model_identity, "n_ctx": self.n_ctx, "cache_type": self._cache_type,
                 "group_size": self.plan.group_size, "window": self.plan.window,
                 "rope_scaling": self.plan.rope_scaling, "rope_factor": self.plan.rope_factor,
                 "n_vocab": self.n_vocab}
