@@ -114,7 +114,12 @@ void engine::truncate(int32_t n) {
     if (n < 0 || n > cache_.n_past) {
         throw std::invalid_argument("truncate(" + std::to_string(n) + "): the cache holds " + std::to_string(cache_.n_past) + " tokens");
     }
-    if (ring_size_ > 0 && n > 0) refill_ring(std::max(0, n - params_.window + 1), n);
+    if (ring_size_ > 0) {
+        const int32_t need = std::max(0, n - params_.window + 1);  // the window of the next query
+        const int32_t have = std::min(ring_lo_, n);
+        if (need < have) refill_ring(need, have);
+        ring_lo_ = std::min(need, have);
+    }
     cache_.n_past = n;
 }
 
@@ -147,7 +152,8 @@ void engine::write_state(int32_t n, const uint8_t * src, size_t size) {
         src += 2 * rows;
     }
     cache_.n_past = n;
-    truncate(n);  // rebuilds the neighbor ring from the grouped keys
+    ring_lo_ = n;  // the ring holds none of these keys:
+    truncate(n);   // rebuilt from the grouped keys
 }
 
 void engine::refill_ring(int32_t lo, int32_t hi) {
@@ -202,6 +208,8 @@ void engine::eval_batch(const int32_t * tokens, int32_t n_tokens, int32_t n_outp
     }
     ggml_backend_tensor_set(in.tokens, tokens, 0, (size_t) n_tokens * sizeof(int32_t));
     set_attention_batch_inputs(in.attn);
+    // This batch's keys overwrite the ring rows of positions ring_size back (also if it is aborted).
+    if (ring_size_ > 0) ring_lo_ = std::max(ring_lo_, cache_.n_past + n_tokens - ring_size_);
 
     adapt_threads();
     const ggml_status status = ggml_backend_graph_compute(backend_.get(), gf);

@@ -57,7 +57,7 @@ public:
     std::vector<float> eval(const std::vector<int32_t> & tokens, bool all_logits,
                             const progress_fn & progress = nullptr);
 
-    void reset() { cache_.clear(); }
+    void reset() { cache_.clear(); ring_lo_ = 0; }
     // Forgets every token from position n on (rows past n are simply overwritten later).
     void truncate(int32_t n);
     // The cache's first n rows, every layer's K then V (what a saved state holds; the neighbor
@@ -83,6 +83,10 @@ private:
     std::atomic<bool> abort_{false};
     attention_path path_ = attention_path::fused;  // resolved from params_.path
     int32_t ring_size_ = 0;                         // neighbor-key ring rows (fused SelfExtend)
+    // The ring holds the keys of positions [ring_lo_, n_past) as computed: a truncation rebuilds
+    // only the rows below ring_lo_ the window needs, so that reusing a prefix gives the same
+    // results as evaluating it afresh (a rebuilt row is exact only up to f16 rounding).
+    int32_t ring_lo_ = 0;
     engine_rope_override rope_override_;
     size_t cache_bytes_ = 0, compute_bytes_ = 0;
     int32_t threads_now_ = 0;                               // compute threads in use
