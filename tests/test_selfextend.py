@@ -102,8 +102,9 @@ def test_truncate_keeps_selfextend_exact(tiny_model):
 def test_a_reused_prefix_gives_exactly_the_fresh_logits(tiny_model, path_):
     # What prefix reuse relies on (a second question about a document, the server): truncating
     # to a prefix and evaluating something else gives bit for bit what a fresh cache gives, as
-    # long as the ring still holds the window's keys (here 40 + one batch of 32 rows), and the batches fall alike (the portable path rounds differently for other splits). With an
-    # f16 cache a ring row rebuilt from the grouped keys differs in rounding.
+    # long as the ring still holds the window's keys (here 40 + one batch of 32 rows) and the
+    # batches fall alike (the portable path rounds differently for other splits). With an f16
+    # cache, a ring row rebuilt from the grouped keys differs in rounding.
     path = tiny_model(weight_type="f32")
     rng = np.random.default_rng(5)
     doc, other, question = (rng.integers(3, 320, size=k).tolist() for k in (64, 20, 30))
