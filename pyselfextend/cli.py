@@ -38,6 +38,7 @@ examples:
   pyselfextend info
   pyselfextend passkey --lengths 4k,12k --depths 0.1,0.5,0.9
   pyselfextend bench --threads 2
+  pyselfextend serve --ctx 16k --port 8080
 
 environment:
   PYSELFEXTEND_MODELS   where pulled models are stored (default ~/.cache/pyselfextend/models)
@@ -88,6 +89,16 @@ def _positive_int(text: str) -> int:
         raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
     if value < 1:
         raise argparse.ArgumentTypeError(f"must be >= 1: {text!r}")
+    return value
+
+
+def _port(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a port number: {text!r}") from None
+    if not 0 <= value <= 65535:
+        raise argparse.ArgumentTypeError(f"a port is in 0..65535, got {value}")
     return value
 
 
@@ -301,6 +312,24 @@ def cmd_info(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_serve(args: argparse.Namespace) -> int:
+    import os
+
+    from .server import serve
+
+    api_key = args.api_key if args.api_key is not None else os.environ.get("PYSELFEXTEND_API_KEY") or None
+    if args.host not in ("127.0.0.1", "localhost", "::1") and api_key is None:
+        print(f"pyselfextend: warning: serving on {args.host} without --api-key: anyone who can reach it can use it",
+              file=sys.stderr)
+    llm = _open_model(args, args.ctx, args.batch)
+    if args.model is None or args.model in models.catalogue():
+        model_id = args.model or models.default_model_name()
+    else:
+        model_id = llm.path.name
+    return serve(llm, model_id=model_id, host=args.host, port=args.port, api_key=api_key,
+                 chat_template=args.chat_template, max_waiting=args.queue, max_request_bytes=args.max_request_size)
+
+
 def cmd_bench(args: argparse.Namespace) -> int:
     from .bench import run_bench
 
@@ -411,6 +440,36 @@ def build_parser() -> argparse.ArgumentParser:
                    help="a chat template instead of the model's own: one of llama.cpp's built-in names (chatml, "
                         "llama3, mistral-v7, phi3, gemma, ...) or a template text")
     p.set_defaults(func=lambda a: _run_generation(a, chat=True))
+
+    from .server import DEFAULT_MAX_REQUEST_BYTES, DEFAULT_MAX_WAITING
+
+    p = sub.add_parser("serve", help="an OpenAI-compatible HTTP server (needs the server extra)",
+                       description="Serve one model over HTTP with OpenAI's API: GET /v1/models, POST "
+                                   "/v1/chat/completions, POST /v1/completions (streamed as server-sent events with "
+                                   "\"stream\": true) and GET /health. Point any OpenAI client at "
+                                   "http://HOST:PORT/v1. One request computes at a time; others wait in arrival "
+                                   "order, up to --queue of them (beyond: 503 with Retry-After). The cache is kept "
+                                   "between requests, so a request that starts like the previous one (the same "
+                                   "document, a longer conversation) reads only what is new. A client that "
+                                   "disconnects ends its request; Ctrl-C or SIGTERM end the running requests and "
+                                   "stop the server. Needs: pip install 'pyselfextend[server]'.")
+    _add_model_args(p)
+    p.add_argument("--ctx", "-c", type=parse_size, default=4096, metavar="N",
+                   help="context size: the longest prompt + reply (default 4096; accepts 16k)")
+    _add_selfextend_args(p)
+    p.add_argument("--batch", type=_positive_int, default=512, metavar="N", help="prompt batch size (default 512)")
+    p.add_argument("--host", default="127.0.0.1",
+                   help="address to listen on (default 127.0.0.1: this machine only; 0.0.0.0 serves the network)")
+    p.add_argument("--port", type=_port, default=8080, help="TCP port (default 8080)")
+    p.add_argument("--api-key", default=None, metavar="KEY",
+                   help="require 'Authorization: Bearer KEY' on /v1 (default: $PYSELFEXTEND_API_KEY, else none)")
+    p.add_argument("--queue", type=int, default=DEFAULT_MAX_WAITING, metavar="N",
+                   help=f"requests that may wait while one computes (default {DEFAULT_MAX_WAITING})")
+    p.add_argument("--max-request-size", type=parse_size, default=DEFAULT_MAX_REQUEST_BYTES, metavar="BYTES",
+                   help=f"largest request body (default {DEFAULT_MAX_REQUEST_BYTES >> 20}m); larger ones get 413")
+    p.add_argument("--chat-template", default=None, metavar="NAME",
+                   help="a chat template instead of the model's own (a built-in name such as chatml, or a template)")
+    p.set_defaults(func=cmd_serve)
 
     p = sub.add_parser("passkey", help="passkey retrieval accuracy by prompt length and key depth",
                        description="The passkey retrieval test: a random 5-digit key hidden at a given depth of "

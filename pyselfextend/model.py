@@ -63,6 +63,41 @@ def token_ids(ids: object, name: str = "token ids") -> List[int]:
     return out
 
 
+class ContextLengthExceeded(ValueError):
+    """A prompt plus the tokens asked for does not fit in the model's context (``n_ctx``)."""
+
+    def __init__(self, message: str, *, n_prompt: int, max_tokens: int, n_ctx: int) -> None:
+        super().__init__(message)
+        self.n_prompt, self.max_tokens, self.n_ctx = n_prompt, max_tokens, n_ctx
+
+
+class Generation(Iterator[str]):
+    """The text pieces of one ``generate(..., stream=True)`` call, and what it did.
+
+    Iterate it for the pieces. As it goes, ``prompt_tokens`` (the prompt's length),
+    ``cached_tokens`` (how many of them the cache already held, so were not evaluated again;
+    known after the first piece), ``completion_tokens`` (tokens generated so far) and, once it
+    has ended, ``finish_reason``: ``"stop"`` (an end-of-generation token or a stop string) or
+    ``"length"`` (``max_tokens`` reached). ``close()`` ends it early.
+    """
+
+    def __init__(self, prompt_tokens: int) -> None:
+        self.prompt_tokens = prompt_tokens
+        self.cached_tokens = 0
+        self.completion_tokens = 0
+        self.finish_reason: Optional[str] = None
+        self._pieces: Iterator[str] = iter(())
+
+    def __next__(self) -> str:
+        return next(self._pieces)
+
+    def close(self) -> None:
+        """Ends the generation where it is (the cache keeps what was evaluated)."""
+        close = getattr(self._pieces, "close", None)
+        if close:
+            close()
+
+
 def _default_threads() -> int:
     try:
         return max(1, len(os.sched_getaffinity(0)))
@@ -283,13 +318,16 @@ class LocalModel:
             self._cache_epoch += 1
             return self._prefill(ids, progress)
 
-    def _prefill(self, ids: List[int], progress: Optional[ProgressCallback]) -> np.ndarray:
+    def _prefill(self, ids: List[int], progress: Optional[ProgressCallback],
+                 generation: Optional[Generation] = None) -> np.ndarray:
         keep = 0
         for a, b in zip(self._tokens, ids[:-1]):
             if a != b:
                 break
             keep += 1
         self._truncate(keep)
+        if generation is not None:
+            generation.cached_tokens = keep
         return self._eval(ids[keep:], progress=progress)
 
     def truncate(self, n: int) -> None:
@@ -351,14 +389,15 @@ class LocalModel:
         return metadata
 
     def check_fits(self, n_prompt: int, max_tokens: int) -> None:
-        """Raises ValueError, with the numbers, when a prompt of ``n_prompt`` tokens plus up to
+        """Raises ``ContextLengthExceeded`` (a ValueError), with the numbers, when a prompt of ``n_prompt`` tokens plus up to
         ``max_tokens`` generated ones does not fit in ``n_ctx``; nothing is ever cut to fit."""
         if n_prompt + max_tokens > self.n_ctx:
             reach = self.plan.usable_length
             limit = f"; this model reaches {reach} tokens with {self.plan.describe().split(':')[0]}" if reach else ""
-            raise ValueError(
+            raise ContextLengthExceeded(
                 f"prompt ({n_prompt} tokens) + max_tokens ({max_tokens}) = {n_prompt + max_tokens} tokens exceeds "
-                f"the context size n_ctx={self.n_ctx}{limit}")
+                f"the context size n_ctx={self.n_ctx}{limit}", n_prompt=n_prompt, max_tokens=max_tokens,
+                n_ctx=self.n_ctx)
 
     def _state_settings(self) -> Dict[str, object]:
         from .state import model_identity
@@ -386,7 +425,7 @@ class LocalModel:
         stream: bool = False,
         progress: Optional[ProgressCallback] = None,
         parse_special: bool = False,
-    ) -> Union[str, Iterator[str]]:
+    ) -> Union[str, Generation]:
         """Continues ``prompt`` (text, or token ids) by up to ``max_tokens`` sampled tokens.
 
         Reuses the cached prefix the prompt shares with what was evaluated before (see
@@ -395,11 +434,15 @@ class LocalModel:
         prompt written in the model's own format). ``temperature=0`` is greedy decoding; otherwise top-k, top-p
         and min-p filter the candidates and ``seed`` makes the draw repeatable. Generation ends
         at an end-of-generation token, after ``max_tokens``, or just before the first ``stop``
-        string (which is not returned). Returns the generated text, or with ``stream=True`` an
-        iterator of text pieces. ``progress(done, total)`` reports prompt evaluation.
+        string (which is not returned). Returns the generated text, or with ``stream=True`` a
+        :class:`Generation`: an iterator of text pieces that also counts prompt, reused and
+        generated tokens and tells why it ended. ``progress(done, total)`` reports prompt
+        evaluation. Every option is checked before any work starts, also with ``stream=True``.
 
-        Raises ValueError when the prompt plus ``max_tokens`` does not fit in ``n_ctx``,
-        TypeError when ``prompt`` is neither text nor token ids (bytes: decode them first).
+        Raises ``ContextLengthExceeded`` (a ValueError) when the prompt plus ``max_tokens`` does
+        not fit in ``n_ctx``, ValueError or TypeError naming an option that is out of range or of
+        the wrong type, TypeError when ``prompt`` is neither text nor token ids (bytes: decode
+        them first).
         """
         if isinstance(prompt, str):
             ids = self.tokenize(prompt, parse_special=parse_special)
@@ -416,7 +459,7 @@ class LocalModel:
             return "".join(pieces)
 
     def chat(self, messages: Sequence[Dict[str, str]], *, chat_template: Optional[str] = None,
-             **kwargs) -> Union[str, Iterator[str]]:
+             **kwargs) -> Union[str, Generation]:
         """Replies to a conversation, formatted with the model's own chat template.
 
         ``messages`` is a list of ``{"role": "system" | "user" | "assistant", "content": str}``.
@@ -497,28 +540,33 @@ class LocalModel:
         return both[len(head):] if both[: len(head)] == head else ids
 
     def _generate(self, ids: List[int], max_tokens: int, params: SamplingParams,
-                  stop: Optional[Union[str, Sequence[str]]], progress: Optional[ProgressCallback]) -> Iterator[str]:
+                  stop: Optional[Union[str, Sequence[str]]], progress: Optional[ProgressCallback]) -> Generation:
         if _require_int("max_tokens", max_tokens) < 0:
             raise ValueError(f"max_tokens must be >= 0, got {max_tokens!r}")
         if not ids:
             raise ValueError("the prompt is empty")
         self.check_fits(len(ids), max_tokens)
         sampler = Sampler(params)  # validates the sampling options before any work
-        stops = [stop] if isinstance(stop, str) else list(stop or [])
-        if any(not isinstance(s, str) for s in stops):
+        if stop is None or isinstance(stop, str):
+            stops = [stop] if stop is not None else []
+        elif isinstance(stop, (list, tuple)) and all(isinstance(s, str) for s in stop):
+            stops = list(stop)
+        else:
             raise TypeError(f"stop must be a string or a list of strings, got {stop!r}")
         if any(not s for s in stops):
             raise ValueError("stop strings must be non-empty")
-        return self._generate_iter(ids, max_tokens, sampler, stops, progress)
+        generation = Generation(len(ids))
+        generation._pieces = self._generate_iter(ids, max_tokens, sampler, stops, progress, generation)
+        return generation
 
     def _generate_iter(self, ids: List[int], max_tokens: int, sampler: Sampler, stops: List[str],
-                       progress: Optional[ProgressCallback]) -> Iterator[str]:
+                       progress: Optional[ProgressCallback], generation: Generation) -> Iterator[str]:
         # The lock is held for each step, never across a yield: a stream that is not consumed
         # must not block the model's other users.
         with self._lock:
             self._cache_epoch += 1
             epoch = self._cache_epoch
-            logits = self._prefill(ids, progress)
+            logits = self._prefill(ids, progress, generation)
         history = list(ids)
         decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
         hold = max((len(s) for s in stops), default=1) - 1  # chars kept back: a stop may straddle pieces
@@ -526,12 +574,15 @@ class LocalModel:
         for step in range(max_tokens):
             token = sampler.sample(logits, history)
             if self._vocab.is_eog(token):
+                generation.finish_reason = "stop"
                 break
             history.append(token)
+            generation.completion_tokens += 1
             pending += decoder.decode(bytes(self._vocab.token_to_piece(token, False)))
             if stops:
                 cut = min((i for i in (pending.find(s) for s in stops) if i >= 0), default=-1)
                 if cut >= 0:
+                    generation.finish_reason = "stop"
                     if cut:
                         yield pending[:cut]
                     return
@@ -545,7 +596,12 @@ class LocalModel:
                                            "call (generate, chat, eval or reset) since its last piece; use one "
                                            "LocalModel per concurrent stream")
                     logits = self._eval([token])
+        else:
+            generation.finish_reason = "length"
         pending += decoder.decode(b"", final=True)
         if pending:
             cut = min((i for i in (pending.find(s) for s in stops) if i >= 0), default=-1)
-            yield pending if cut < 0 else pending[:cut]
+            if cut >= 0:
+                generation.finish_reason = "stop"
+            if cut != 0:
+                yield pending if cut < 0 else pending[:cut]

@@ -17,9 +17,12 @@ if "$PY" -c 'import sys, sysconfig, os; sys.exit(0 if sys.prefix == sys.base_pre
     exit 1
 fi
 echo "setup: installing build and test requirements" >&2
+# Beyond building: the plot extra (the tests cover --plot), build (the install check), pexpect
+# (the terminal chat test), the server extra and the real OpenAI client its tests use.
 "$PY" -m pip install --disable-pip-version-check -q \
     "scikit-build-core>=0.10" "pybind11>=2.12" "cmake>=3.21" ninja "numpy>=1.23" "pytest>=7" "gguf>=0.10" \
-    "matplotlib>=3.5" "build>=1.0" "pexpect>=4.8"  # the plot extra (the tests cover --plot); the install check; the terminal chat test
+    "matplotlib>=3.5" "build>=1.0" "pexpect>=4.8" \
+    "starlette>=0.37" "uvicorn>=0.29" "openai>=1.30" "httpx>=0.27"
 if [ ! -d build ]; then
     echo "setup: building pyselfextend; the first build fetches the pinned llama.cpp source and compiles" \
          "ggml and libllama: a few minutes on two cores" >&2

@@ -127,7 +127,8 @@ def test_invalid_generation_options(tiny_model, kwargs, message):
 @pytest.mark.parametrize("kwargs, message", [
     (dict(top_k=2.5), "top_k must be an integer"), (dict(temperature="hot"), "temperature must be a number"),
     (dict(max_tokens=4.0), "max_tokens must be an integer"), (dict(seed=1.5), "seed must be an integer"),
-    (dict(stop=[3]), "stop must be a string"), (dict(min_p=True), "min_p must be a number"),
+    (dict(stop=[3]), "stop must be a string"), (dict(stop=5), "stop must be a string"),
+    (dict(min_p=True), "min_p must be a number"),
 ])
 def test_generation_options_of_the_wrong_type(tiny_model, kwargs, message):
     llm = LocalModel(tiny_model(), n_ctx=64, n_threads=1)

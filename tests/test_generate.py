@@ -42,6 +42,29 @@ def test_stop_string_ends_generation_before_it(smol):
 
 
 @pytest.mark.model
+def test_a_stream_counts_its_tokens_and_says_why_it_ended(smol):
+    prompt = "Count: one, two, three,"
+    ids = smol.tokenize(prompt)
+    gen = smol.generate(prompt, max_tokens=12, temperature=0, stream=True)
+    assert gen.finish_reason is None and gen.completion_tokens == 0  # nothing runs before the first piece
+    text = "".join(gen)
+    assert gen.finish_reason == "length" and gen.completion_tokens == 12 and gen.prompt_tokens == len(ids)
+    assert len(smol.cached_tokens) == len(ids) + 11  # the last token generated is never evaluated
+    again = smol.generate(prompt + text, max_tokens=12, temperature=0, stream=True)
+    "".join(again)
+    assert again.cached_tokens >= len(ids)  # the first prompt and what followed were still cached
+    stop = text.split()[1]
+    cut = smol.generate(prompt, max_tokens=12, temperature=0, stream=True, stop=stop)
+    assert "".join(cut) == text[: text.index(stop)] and cut.finish_reason == "stop"
+    assert cut.completion_tokens <= 12
+    # An end-of-generation token: "stop", and the token itself is not counted.
+    chat = smol.generate(smol.chat_tokens([{"role": "user", "content": "Say hi."}]), max_tokens=200, temperature=0,
+                         stream=True)
+    "".join(chat)
+    assert chat.finish_reason == "stop" and 0 < chat.completion_tokens < 200
+
+
+@pytest.mark.model
 def test_chat_uses_the_models_template(smol):
     text = smol._vocab.apply_chat_template([("user", "Hi")], True)
     assert "<|im_start|>user\nHi<|im_end|>" in text and text.endswith("<|im_start|>assistant\n")
