@@ -90,12 +90,13 @@ py::array_t<float> attention_probe(py::array_t<float, py::array::c_style | py::a
                                    py::array_t<float, py::array::c_style | py::array::forcecast> v, int32_t group_size,
                                    int32_t window, int32_t n_batch, const std::string & cache_type,
                                    const std::string & path, float freq_base, int32_t n_threads,
-                                   int32_t decode_tail) {
+                                   int32_t decode_tail, const std::string & rope_mode) {
     if (q.ndim() != 3 || k.ndim() != 3 || v.ndim() != 3) throw std::invalid_argument("q, k, v must be [n, heads, D]");
     const int32_t n = (int32_t) q.shape(0), n_head = (int32_t) q.shape(1), D = (int32_t) q.shape(2);
     const int32_t n_head_kv = (int32_t) k.shape(1);
     if (k.shape(0) != n || v.shape(0) != n || v.shape(1) != n_head_kv || k.shape(2) != D || v.shape(2) != D ||
-        n_head % n_head_kv != 0 || D % 8 != 0 || n < 1 || n_batch < 1 || group_size < 1 || (group_size > 1 && window < 1)) {
+        n_head % n_head_kv != 0 || D % 8 != 0 || n < 1 || n_batch < 1 || group_size < 1 || (group_size > 1 && window < 1) ||
+        (rope_mode != "normal" && rope_mode != "neox")) {
         throw std::invalid_argument("attention_probe: inconsistent shapes or parameters");
     }
     llama_hparams hp;
@@ -119,6 +120,7 @@ py::array_t<float> attention_probe(py::array_t<float, py::array::c_style | py::a
         rope.n_rot = D;
         rope.n_ctx_orig = n;
         rope.freq_base = freq_base;
+        rope.mode = rope_mode == "neox" ? GGML_ROPE_TYPE_NEOX : 0;
         attention_config cfg;
         cfg.group_size = group_size;
         cfg.window = window;
@@ -185,6 +187,9 @@ PYBIND11_MODULE(_engine, m) {
         .def_property_readonly("head_dim", [](const gguf_model & g) { return g.hp.head_dim; })
         .def_property_readonly("n_ff", [](const gguf_model & g) { return g.hp.n_ff; })
         .def_property_readonly("rope_freq_base", [](const gguf_model & g) { return g.hp.rope_freq_base; })
+        .def_property_readonly("rope_mode", [](const gguf_model & g) {
+            return std::string(g.hp.rope_mode == GGML_ROPE_TYPE_NEOX ? "neox" : "normal");
+        })
         .def_property_readonly("file_size", [](const gguf_model & g) { return g.file_size; })
         .def_property_readonly("n_params", &gguf_model::n_params)
         .def_property_readonly("weight_types", &gguf_model::weight_types);
@@ -261,7 +266,8 @@ PYBIND11_MODULE(_engine, m) {
         .def_property_readonly("window", [](const engine & e) { return e.params().window; });
     m.def("_attention_probe", &attention_probe, py::arg("q"), py::arg("k"), py::arg("v"), py::arg("group_size"),
           py::arg("window"), py::arg("n_batch"), py::arg("cache_type") = "f32", py::arg("attention_path") = "fused",
-          py::arg("freq_base") = 10000.0f, py::arg("n_threads") = 2, py::arg("decode_tail") = 0, py::call_guard<py::gil_scoped_release>(),
+          py::arg("freq_base") = 10000.0f, py::arg("n_threads") = 2, py::arg("decode_tail") = 0,
+          py::arg("rope_mode") = "normal", py::call_guard<py::gil_scoped_release>(),
           "Test hook: the attention seam alone, over q, k, v of shape [n, heads, D] (not rotated).");
     m.def("_threads_that_can_run", &threads_that_can_run, py::arg("n_threads"),
           "Test hook: compute threads that can run now, of n_threads (fewer while other processes keep cores busy).");

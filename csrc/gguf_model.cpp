@@ -1,4 +1,6 @@
 #include "gguf_model.h"
+#include "models/model_arch.h"
+
 
 #include "ggml-cpu.h"
 
@@ -366,9 +368,6 @@ float float_key(const std::string & path, const gguf_context * g, const std::str
     return (float) v;
 }
 
-// Architectures whose forward pass is the llama graph (Mistral GGUFs use "llama" too).
-const char * const k_supported_arch[] = {"llama"};
-
 // Tokenizer models whose libllama vocabulary this package uses (SentencePiece and GPT-2 BPE: what
 // llama-architecture files carry); the others have load paths this package does not exercise.
 const char * const k_supported_tokenizers[] = {"llama", "gpt2"};
@@ -559,9 +558,8 @@ std::unique_ptr<gguf_model> load_gguf_model(const std::string & path) {
     }
     // Shown by info(): text, not bytes, and not the whole of a corrupt string.
     hp.name = printable(get_str(g, "general.name").substr(0, 256));
-    bool supported = false;
-    for (const char * a : k_supported_arch) supported |= hp.arch == a;
-    if (!supported) fail(path, "unsupported architecture " + q(hp.arch) + " (supported: llama)");
+    m->arch = find_model_arch(hp.arch);
+    if (!m->arch) fail(path, "unsupported architecture " + q(hp.arch) + " (supported: " + supported_model_archs() + ")");
     // This loader maps one file and runs dense FFNs: name what it cannot load rather than report a
     // missing tensor.
     if (int_key(path, g, "split.count", 0, 65535, false, 1) > 1) fail(path, "split GGUF files (split.count > 1) are not supported");
@@ -627,7 +625,11 @@ std::unique_ptr<gguf_model> load_gguf_model(const std::string & path) {
         }
         hp.rope_freq_scale = type == "none" || factor == 0.0 ? 1.0f : (float) (1.0 / factor);
     }
-    hp.rope_mode = 0;  // llama: adjacent pairs
+    hp.rope_mode = m->arch->rope_mode;
+    if (m->arch->unsupported) {
+        const std::string why = m->arch->unsupported(g, hp);
+        if (!why.empty()) fail(path, why);
+    }
 
     // Tensor types the CPU backend can compute; the structure check placed every tensor inside
     // the file.
@@ -649,9 +651,10 @@ std::unique_ptr<gguf_model> load_gguf_model(const std::string & path) {
         }
     }
 
-    // Find and shape-check the tensors of the llama graph.
+    // Find and shape-check the tensors: the ones every architecture has here, a layer's own in
+    // its architecture's load_layer.
     std::set<const ggml_tensor *> used;
-    auto get = [&](const std::string & name, std::vector<int64_t> ne, bool required) -> ggml_tensor * {
+    auto get = [&](const std::string & name, const std::vector<int64_t> & ne, bool required) -> ggml_tensor * {
         ggml_tensor * t = ggml_get_tensor(m->ctx, name.c_str());
         if (!t) {
             if (required) fail(path, "missing tensor '" + name + "'");
@@ -670,8 +673,7 @@ std::unique_ptr<gguf_model> load_gguf_model(const std::string & path) {
         return t;
     };
 
-    const int64_t n_embd = hp.n_embd, n_q = (int64_t) hp.head_dim * hp.n_head;
-    const int64_t n_kv = (int64_t) hp.head_dim * hp.n_head_kv;
+    const int64_t n_embd = hp.n_embd;
     {
         ggml_tensor * te = ggml_get_tensor(m->ctx, "token_embd.weight");
         if (!te) fail(path, "missing tensor 'token_embd.weight'");
@@ -693,24 +695,15 @@ std::unique_ptr<gguf_model> load_gguf_model(const std::string & path) {
     m->rope_freqs  = get("rope_freqs.weight", {hp.n_rot / 2}, false);
     if (m->rope_freqs && m->rope_freqs->type != GGML_TYPE_F32) fail(path, "rope_freqs must be F32");
 
+    const tensor_finder finder{get};
     m->layers.resize(hp.n_layer);
     for (int il = 0; il < hp.n_layer; ++il) {
         const std::string p = "blk." + std::to_string(il) + ".";
         llama_layer & L = m->layers[il];
         L.attn_norm = get(p + "attn_norm.weight", {n_embd}, true);
-        L.wq = get(p + "attn_q.weight", {n_embd, n_q}, true);
-        L.wk = get(p + "attn_k.weight", {n_embd, n_kv}, true);
-        L.wv = get(p + "attn_v.weight", {n_embd, n_kv}, true);
-        L.wo = get(p + "attn_output.weight", {n_q, n_embd}, true);
-        L.bq = get(p + "attn_q.bias", {n_q}, false);
-        L.bk = get(p + "attn_k.bias", {n_kv}, false);
-        L.bv = get(p + "attn_v.bias", {n_kv}, false);
-        L.bo = get(p + "attn_output.bias", {n_embd}, false);
         L.ffn_norm = get(p + "ffn_norm.weight", {n_embd}, true);
-        L.ffn_gate = get(p + "ffn_gate.weight", {n_embd, hp.n_ff}, true);
-        L.ffn_up   = get(p + "ffn_up.weight", {n_embd, hp.n_ff}, true);
-        L.ffn_down = get(p + "ffn_down.weight", {hp.n_ff, n_embd}, true);
-        for (ggml_tensor * t : {L.attn_norm, L.ffn_norm, L.bq, L.bk, L.bv, L.bo}) {
+        m->arch->load_layer(finder, hp, p, L);
+        for (ggml_tensor * t : {L.attn_norm, L.ffn_norm, L.bq, L.bk, L.bv, L.bo, L.bqkv, L.attn_q_norm, L.attn_k_norm}) {
             if (t && t->type != GGML_TYPE_F32) fail(path, std::string("tensor '") + t->name + "' must be F32");
         }
     }
@@ -719,7 +712,7 @@ std::unique_ptr<gguf_model> load_gguf_model(const std::string & path) {
     // (block_count too small, another architecture's layout), so the file is refused.
     for (ggml_tensor * t = ggml_get_first_tensor(m->ctx); t; t = ggml_get_next_tensor(m->ctx, t)) {
         if (!used.count(t)) {
-            fail(path, "unused tensor " + q(t->name) + ": the llama graph (" + a + "block_count = " +
+            fail(path, "unused tensor " + q(t->name) + ": the " + hp.arch + " graph (" + a + "block_count = " +
                        std::to_string(hp.n_layer) + ") does not use it");
         }
     }

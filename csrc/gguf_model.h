@@ -25,25 +25,31 @@ struct llama_hparams {
     int32_t n_ff        = 0;
     int32_t head_dim    = 0;   // D
     int32_t n_rot       = 0;   // rotated dimensions (== head_dim for llama)
-    int32_t rope_mode   = 0;   // 0: adjacent pairs (llama), GGML_ROPE_TYPE_NEOX: halves
+    int32_t rope_mode   = 0;   // 0: adjacent pairs (llama), GGML_ROPE_TYPE_NEOX: halves (qwen2, qwen3, phi3)
     float   rope_freq_base  = 10000.0f;
     float   rope_freq_scale = 1.0f;  // linear RoPE scaling baked into the file (1/factor)
     float   rms_eps         = 1e-5f;
 };
 
+// A layer's tensors; which of them a file has depends on its architecture (models/*.cpp).
 struct llama_layer {
     ggml_tensor * attn_norm = nullptr;
     ggml_tensor * wq = nullptr, * wk = nullptr, * wv = nullptr, * wo = nullptr;
-    ggml_tensor * bq = nullptr, * bk = nullptr, * bv = nullptr, * bo = nullptr;  // optional biases
+    ggml_tensor * bq = nullptr, * bk = nullptr, * bv = nullptr, * bo = nullptr;  // biases (qwen2; optional in llama)
+    ggml_tensor * wqkv = nullptr, * bqkv = nullptr;                                // fused Q/K/V (phi3)
+    ggml_tensor * attn_q_norm = nullptr, * attn_k_norm = nullptr;                  // per-head Q/K norms (qwen3)
     ggml_tensor * ffn_norm = nullptr;
-    ggml_tensor * ffn_gate = nullptr, * ffn_up = nullptr, * ffn_down = nullptr;
+    ggml_tensor * ffn_gate = nullptr, * ffn_up = nullptr, * ffn_down = nullptr;  // phi3: ffn_up is gate and up
 };
+
+struct model_arch;
 
 // A loaded model. Weight tensors point into the mmapped file through a CPU backend buffer.
 struct gguf_model {
     std::string path;
     size_t file_size = 0;
     llama_hparams hp;
+    const model_arch * arch = nullptr;  // what differs between architectures (models/model_arch.h)
 
     gguf_context * gguf = nullptr;      // metadata
     ggml_context * ctx  = nullptr;      // tensor descriptors (no data of its own)

@@ -1,5 +1,7 @@
 #include "llama_graph.h"
 
+#include "models/model_arch.h"
+
 #include <cmath>
 
 namespace pse {
@@ -20,10 +22,6 @@ rope_params make_rope_params(const gguf_model & model, const engine_rope_overrid
         rope.ext_factor = override->ext_factor;
     }
     return rope;
-}
-
-static ggml_tensor * add_bias(ggml_context * ctx, ggml_tensor * x, ggml_tensor * bias) {
-    return bias ? ggml_add(ctx, x, bias) : x;
 }
 
 ggml_cgraph * build_llama_graph(ggml_context * ctx, const gguf_model & model, kv_cache & cache,
@@ -47,17 +45,14 @@ ggml_cgraph * build_llama_graph(ggml_context * ctx, const gguf_model & model, kv
     for (int il = 0; il < hp.n_layer; ++il) {
         const llama_layer & L = model.layers[il];
 
-        ggml_tensor * cur = ggml_mul(ctx, ggml_rms_norm(ctx, x, hp.rms_eps), L.attn_norm);
+        ggml_tensor * cur = rms_norm(ctx, x, L.attn_norm, hp.rms_eps);
         ggml_format_name(cur, "attn_norm-%d", il);
-        ggml_tensor * q = add_bias(ctx, ggml_mul_mat(ctx, L.wq, cur), L.bq);
-        ggml_tensor * k = add_bias(ctx, ggml_mul_mat(ctx, L.wk, cur), L.bk);
-        ggml_tensor * v = add_bias(ctx, ggml_mul_mat(ctx, L.wv, cur), L.bv);
-        q = ggml_reshape_3d(ctx, q, hp.head_dim, hp.n_head, n_tokens);
-        k = ggml_reshape_3d(ctx, k, hp.head_dim, hp.n_head_kv, n_tokens);
+        const qkv_tensors p = model.arch->project_qkv(ctx, hp, L, cur);
 
-        cur = build_attention(ctx, gf, cache, il, in.attn, rope, q, k, v, kq_scale);
+        cur = build_attention(ctx, gf, cache, il, in.attn, rope, p.q, p.k, p.v, kq_scale);
         ggml_format_name(cur, "kqv_out-%d", il);
-        cur = add_bias(ctx, ggml_mul_mat(ctx, L.wo, cur), L.bo);
+        cur = ggml_mul_mat(ctx, L.wo, cur);
+        if (L.bo) cur = ggml_add(ctx, cur, L.bo);
         ggml_format_name(cur, "attn_out-%d", il);
 
         if (il == hp.n_layer - 1 && n_outputs < n_tokens) {
@@ -70,15 +65,9 @@ ggml_cgraph * build_llama_graph(ggml_context * ctx, const gguf_model & model, kv
         x = ggml_add(ctx, cur, x);
         ggml_format_name(x, "ffn_inp-%d", il);
 
-        cur = ggml_mul(ctx, ggml_rms_norm(ctx, x, hp.rms_eps), L.ffn_norm);
+        cur = rms_norm(ctx, x, L.ffn_norm, hp.rms_eps);
         ggml_format_name(cur, "ffn_norm-%d", il);
-        ggml_tensor * gate = ggml_mul_mat(ctx, L.ffn_gate, cur);
-        ggml_tensor * up   = ggml_mul_mat(ctx, L.ffn_up, cur);
-        ggml_format_name(gate, "ffn_gate-%d", il);
-        ggml_format_name(up, "ffn_up-%d", il);
-        cur = ggml_swiglu_split(ctx, gate, up);
-        ggml_format_name(cur, "ffn_swiglu-%d", il);
-        cur = ggml_mul_mat(ctx, L.ffn_down, cur);
+        cur = model.arch->feed_forward(ctx, L, cur);
         ggml_format_name(cur, "ffn_out-%d", il);
         x = ggml_add(ctx, cur, x);
         ggml_format_name(x, "l_out-%d", il);
@@ -90,7 +79,7 @@ ggml_cgraph * build_llama_graph(ggml_context * ctx, const gguf_model & model, kv
         ggml_build_forward_expand(gf, x);
         return gf;
     }
-    x = ggml_mul(ctx, ggml_rms_norm(ctx, x, hp.rms_eps), model.output_norm);
+    x = rms_norm(ctx, x, model.output_norm, hp.rms_eps);
     in.logits = ggml_mul_mat(ctx, model.output, x);
     ggml_set_name(in.logits, "logits");
     ggml_set_output(in.logits);

@@ -23,7 +23,7 @@ def model_facts(model: "_engine.Model") -> Dict[str, object]:
     """Architecture, sizes and weight types of a loaded GGUF file, as ``info`` shows them."""
     m = model
     return {
-        "path": m.path, "name": m.name, "architecture": m.arch, "n_ctx_train": m.n_ctx_train,
+        "path": m.path, "name": m.name, "architecture": m.arch, "rope_mode": m.rope_mode, "n_ctx_train": m.n_ctx_train,
         "n_params": m.n_params, "n_layer": m.n_layer, "n_embd": m.n_embd, "n_head": m.n_head,
         "n_head_kv": m.n_head_kv, "head_dim": m.head_dim, "n_ff": m.n_ff, "n_vocab": m.n_vocab,
         "rope_freq_base": m.rope_freq_base, "weight_types": list(m.weight_types), "file_size": m.file_size,
@@ -106,7 +106,7 @@ def _default_threads() -> int:
 
 
 class LocalModel:
-    """A quantized GGUF model (Llama, Mistral, SmolLM, ...) loaded for local inference.
+    """A quantized GGUF model (Llama, Mistral, SmolLM, Qwen2/2.5, Qwen3, Phi-3, ...) loaded for local inference.
 
     ``LocalModel(path)`` memory-maps the file and allocates a KV cache of ``n_ctx`` tokens.
     ``path`` may be a GGUF file, a catalogue name, or ``None`` for the default model (fetched

@@ -4,20 +4,22 @@ from __future__ import annotations
 import numpy as np
 
 
-def rope(x: np.ndarray, pos: np.ndarray, base: float = 10000.0) -> np.ndarray:
-    """RoPE, llama ("normal") mode: pairs (2i, 2i+1) rotated by pos * base^(-2i/D). x: [n, heads, D]."""
+def rope(x: np.ndarray, pos: np.ndarray, base: float = 10000.0, neox: bool = False) -> np.ndarray:
+    """RoPE: dimension pairs rotated by pos * base^(-2i/D). The pairs are (2i, 2i+1) in llama
+    ("normal") mode and (i, i + D/2) in NEOX mode (qwen2, qwen3, phi3). x: [n, heads, D]."""
     D = x.shape[-1]
     theta = base ** (-np.arange(0, D, 2, dtype=np.float64) / D)
     angle = pos[:, None].astype(np.float64) * theta[None, :]
     c, s = np.cos(angle)[:, None, :], np.sin(angle)[:, None, :]
-    x0, x1 = x[..., 0::2], x[..., 1::2]
+    first, second = (np.s_[..., : D // 2], np.s_[..., D // 2:]) if neox else (np.s_[..., 0::2], np.s_[..., 1::2])
+    x0, x1 = x[first], x[second]
     out = np.empty_like(x)
-    out[..., 0::2] = x0 * c - x1 * s
-    out[..., 1::2] = x0 * s + x1 * c
+    out[first] = x0 * c - x1 * s
+    out[second] = x0 * s + x1 * c
     return out
 
 
-def selfextend_attention(q: np.ndarray, k: np.ndarray, v: np.ndarray, G: int, W: int) -> np.ndarray:
+def selfextend_attention(q: np.ndarray, k: np.ndarray, v: np.ndarray, G: int, W: int, neox: bool = False) -> np.ndarray:
     """q: [n, H, D], k, v: [n, Hkv, D] (not rotated). Returns [n, H, D]. G=1 is ordinary attention."""
     q, k, v = (a.astype(np.float64) for a in (q, k, v))
     n, H, D = q.shape
@@ -26,8 +28,8 @@ def selfextend_attention(q: np.ndarray, k: np.ndarray, v: np.ndarray, G: int, W:
     if G == 1:
         W = n + 1  # every key is a neighbor
     P = i // G + W - W // G
-    q_nb, q_grp = rope(q, i), rope(q, P)
-    k_nb, k_grp = (np.repeat(a, rep, axis=1) for a in (rope(k, i), rope(k, i // G)))
+    q_nb, q_grp = rope(q, i, neox=neox), rope(q, P, neox=neox)
+    k_nb, k_grp = (np.repeat(a, rep, axis=1) for a in (rope(k, i, neox=neox), rope(k, i // G, neox=neox)))
     vv = np.repeat(v, rep, axis=1)
     s_nb = np.einsum("ihd,jhd->hij", q_nb, k_nb)
     s_grp = np.einsum("ihd,jhd->hij", q_grp, k_grp)

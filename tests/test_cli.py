@@ -50,6 +50,9 @@ def test_info_on_a_tiny_model(tiny_model):
     r = run("info", str(tiny_model()), "--json")
     info = json.loads(r.stdout)
     assert info["architecture"] == "llama" and info["n_ctx_train"] == 256 and info["n_layer"] == 2
+    assert info["rope_mode"] == "normal" and info["weight_types"] == ["f32"]
+    info = json.loads(run("info", str(tiny_model(arch="qwen2", weight_type="q8_0")), "--json").stdout)
+    assert info["architecture"] == "qwen2" and info["rope_mode"] == "neox" and info["weight_types"] == ["q8_0", "f32"]
 
 
 @pytest.mark.model

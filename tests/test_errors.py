@@ -32,7 +32,21 @@ def test_truncated_gguf(tmp_path, tiny_model):
 
 def test_unsupported_architecture(tmp_path):
     p = write_tiny_model(tmp_path / "gpt2.gguf", TinySpec(arch="gpt2"))
-    with pytest.raises(ValueError, match="unsupported architecture 'gpt2'"):
+    with pytest.raises(ValueError, match=r"unsupported architecture 'gpt2' \(supported: llama, qwen2, qwen3, phi3\)"):
+        LocalModel(p)
+
+
+def test_an_architectures_own_tensors_are_required_by_name(tmp_path):
+    # A qwen2 file without its Q bias, a qwen3 one with llama's layout: each names what is missing.
+    spec = TinySpec(arch="qwen2")
+    p = write_tiny_model(tmp_path / "nobias.gguf", spec, override={"blk.0.attn_q.bias": None})
+    with pytest.raises(ValueError, match="missing tensor 'blk.0.attn_q.bias'"):
+        LocalModel(p)
+    p = write_tiny_model(tmp_path / "qwen3.gguf", TinySpec(arch="qwen3"), override={})
+    assert LocalModel(p, n_ctx=64, n_threads=1).info["architecture"] == "qwen3"
+    p = write_tiny_model(tmp_path / "phi3-longrope.gguf", TinySpec(arch="phi3"),
+                         extra_tensors={"rope_factors_long.weight": np.ones(32, dtype=np.float32)})
+    with pytest.raises(ValueError, match="Phi-3 LongRoPE.*rope_factors_long.weight.*not supported"):
         LocalModel(p)
 
 

@@ -77,10 +77,19 @@ TINY_CONFIGS = [
     dict(weight_type="f16", n_embd=256, n_head=2, n_head_kv=2, tied_embeddings=False),   # MHA, D=128
     dict(weight_type="q8_0", n_embd=256, n_head=4, n_head_kv=2),                         # GQA, D=64
     dict(weight_type="q4_0", n_embd=256, n_head=2, n_head_kv=1),                         # GQA, D=128
+    # The other architectures (NEOX RoPE): Q/K/V biases, per-head Q/K norms, fused projections.
+    dict(arch="qwen2", weight_type="q8_0", n_embd=256, n_head=4, n_head_kv=2),
+    dict(arch="qwen3", weight_type="f16", n_embd=256, n_head=2, n_head_kv=1, tied_embeddings=False),
+    dict(arch="phi3", weight_type="q4_0", n_embd=256, n_head=4, n_head_kv=4),
+    dict(arch="phi3", weight_type="f32", n_embd=128, n_head=2, n_head_kv=1),
 ]
 
 
-@pytest.mark.parametrize("cfg", TINY_CONFIGS, ids=lambda c: f"{c['weight_type']}-h{c['n_head']}kv{c['n_head_kv']}-d{c['n_embd'] // c['n_head']}")
+def _config_id(c):
+    return f"{c.get('arch', 'llama')}-{c['weight_type']}-h{c['n_head']}kv{c['n_head_kv']}-d{c['n_embd'] // c['n_head']}"
+
+
+@pytest.mark.parametrize("cfg", TINY_CONFIGS, ids=_config_id)
 def test_tiny_model_matches_llama_cpp(tiny_model, cfg):
     path = str(tiny_model(**cfg))
     rng = np.random.default_rng(1)

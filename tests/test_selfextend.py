@@ -47,6 +47,18 @@ def test_fused_kernel_matches_float64_formula(G, W, n, batch, H, Hkv, D, cache):
     assert err <= (1e-5 if cache == "f32" else 2e-3), err
 
 
+@pytest.mark.parametrize("G,W,n,batch,H,Hkv,D,cache", COMBOS[1::6])
+@pytest.mark.parametrize("path_", ["fused", "portable"])
+def test_neox_rope_matches_float64_formula(G, W, n, batch, H, Hkv, D, cache, path_):
+    # qwen2, qwen3 and phi3 rotate the two halves of each head instead of adjacent pairs.
+    q, k, v = _qkv(np.random.default_rng(n * 7 + G), n, H, Hkv, D)
+    out = _engine._attention_probe(q, k, v, G, W, batch, cache, path_, rope_mode="neox")
+    want = selfextend_attention(q, k, v, G, W, neox=True)
+    assert _rel(out, want) <= (1e-5 if cache == "f32" else 2e-3)
+    if G > 1:  # the mode matters: the normal-mode formula is far off
+        assert _rel(out, selfextend_attention(q, k, v, G, W)) > 1e-2
+
+
 @pytest.mark.parametrize("G,W,n,batch,H,Hkv,D,cache", COMBOS[::5])
 def test_portable_path_equals_fused_kernel(G, W, n, batch, H, Hkv, D, cache):
     q, k, v = _qkv(np.random.default_rng(n), n, H, Hkv, D)
@@ -120,8 +132,9 @@ def test_a_reused_prefix_gives_exactly_the_fresh_logits(tiny_model, path_):
     assert np.array_equal(reused.eval(question, True), fresh[len(doc):])
 
 
-def test_model_level_portable_equals_fused(tiny_model):
-    path = tiny_model(weight_type="f32", n_embd=128, n_head=2, n_head_kv=1)
+@pytest.mark.parametrize("arch", ["llama", "qwen2", "qwen3", "phi3"])
+def test_model_level_portable_equals_fused(tiny_model, arch):
+    path = tiny_model(weight_type="f32", n_embd=128, n_head=2, n_head_kv=1, arch=arch)
     ids = np.random.default_rng(3).integers(3, 320, size=300).tolist()
     out = {}
     for p in ("fused", "portable"):

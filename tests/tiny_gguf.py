@@ -20,7 +20,7 @@ class TinySpec:
     n_ctx_train: int = 256
     weight_type: str = "f32"        # f32, f16, q8_0, q4_0
     tied_embeddings: bool = True
-    arch: str = "llama"
+    arch: str = "llama"             # llama, qwen2 (Q/K/V biases), qwen3 (Q/K norms), phi3 (fused Q/K/V, gate/up)
     seed: int = 0
 
     @property
@@ -76,7 +76,7 @@ def write_tiny_model(path: Path, spec: TinySpec = TinySpec(),
                      kv: Optional[Dict[str, Any]] = None,
                      extra_tensors: Optional[Dict[str, np.ndarray]] = None) -> Path:
     """A random model with an SPM vocabulary of byte tokens; `override` replaces named tensors
-    (written as given), to build malformed files. `kv` sets metadata keys after the normal ones
+    (written as given; None leaves one out), to build malformed files. `kv` sets metadata keys after the normal ones
     (None removes a key; see _kv_value for types) and `extra_tensors` adds tensors the graph does not
     know, so that otherwise valid files can carry one bad hyperparameter."""
     rng = np.random.default_rng(spec.seed)
@@ -103,29 +103,55 @@ def write_tiny_model(path: Path, spec: TinySpec = TinySpec(),
     n_q, n_kv = spec.head_dim * spec.n_head, spec.head_dim * spec.n_head_kv
     override = override or {}
 
+    # An override of None leaves the tensor out.
     def matrix(name: str, rows: int, cols: int, scale: float) -> None:
         if name in override:
-            w.add_tensor(name, override[name])
+            if override[name] is not None:
+                w.add_tensor(name, override[name])
         else:
             _add_matrix(w, name, rng.standard_normal((rows, cols)) * scale, spec.weight_type)
 
+    def f32_vector(name: str, values: np.ndarray) -> None:
+        if name not in override:
+            w.add_tensor(name, values.astype(np.float32))
+        elif override[name] is not None:
+            w.add_tensor(name, override[name])
+
     def vector(name: str, n: int) -> None:
-        w.add_tensor(name, override.get(name, (1.0 + 0.1 * rng.standard_normal(n)).astype(np.float32)))
+        f32_vector(name, 1.0 + 0.1 * rng.standard_normal(n))
+
+    def bias(name: str, n: int) -> None:
+        f32_vector(name, 0.5 * rng.standard_normal(n))
 
     matrix("token_embd.weight", n_vocab, E, 1.0)
     vector("output_norm.weight", E)
     if not spec.tied_embeddings:
         matrix("output.weight", n_vocab, E, 1.0 / np.sqrt(E))
+
+    # Each architecture's layer tensors, as llama.cpp's converter writes them.
     for il in range(spec.n_layer):
         p = f"blk.{il}."
         vector(p + "attn_norm.weight", E)
-        matrix(p + "attn_q.weight", n_q, E, 1.0 / np.sqrt(E))
-        matrix(p + "attn_k.weight", n_kv, E, 1.0 / np.sqrt(E))
-        matrix(p + "attn_v.weight", n_kv, E, 1.0 / np.sqrt(E))
+        if spec.arch == "phi3":  # one fused Q/K/V projection: Q rows, then K, then V
+            matrix(p + "attn_qkv.weight", n_q + 2 * n_kv, E, 1.0 / np.sqrt(E))
+        else:
+            matrix(p + "attn_q.weight", n_q, E, 1.0 / np.sqrt(E))
+            matrix(p + "attn_k.weight", n_kv, E, 1.0 / np.sqrt(E))
+            matrix(p + "attn_v.weight", n_kv, E, 1.0 / np.sqrt(E))
+        if spec.arch == "qwen2":
+            bias(p + "attn_q.bias", n_q)
+            bias(p + "attn_k.bias", n_kv)
+            bias(p + "attn_v.bias", n_kv)
+        if spec.arch == "qwen3":
+            vector(p + "attn_q_norm.weight", spec.head_dim)
+            vector(p + "attn_k_norm.weight", spec.head_dim)
         matrix(p + "attn_output.weight", E, n_q, 1.0 / np.sqrt(n_q))
         vector(p + "ffn_norm.weight", E)
-        matrix(p + "ffn_gate.weight", F, E, 1.0 / np.sqrt(E))
-        matrix(p + "ffn_up.weight", F, E, 1.0 / np.sqrt(E))
+        if spec.arch == "phi3":  # one fused projection: gate rows, then up
+            matrix(p + "ffn_up.weight", 2 * F, E, 1.0 / np.sqrt(E))
+        else:
+            matrix(p + "ffn_gate.weight", F, E, 1.0 / np.sqrt(E))
+            matrix(p + "ffn_up.weight", F, E, 1.0 / np.sqrt(E))
         matrix(p + "ffn_down.weight", E, F, 1.0 / np.sqrt(F))
     for name, data in (extra_tensors or {}).items():
         w.add_tensor(name, data)
