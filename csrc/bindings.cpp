@@ -269,6 +269,10 @@ PYBIND11_MODULE(_engine, m) {
           py::arg("freq_base") = 10000.0f, py::arg("n_threads") = 2, py::arg("decode_tail") = 0,
           py::arg("rope_mode") = "normal", py::call_guard<py::gil_scoped_release>(),
           "Test hook: the attention seam alone, over q, k, v of shape [n, heads, D] (not rotated).");
+    m.def("_quantize", &quantize_model, py::arg("src"), py::arg("dst"), py::arg("type"), py::arg("n_threads") = 2,
+          py::arg("pure") = false, py::call_guard<py::gil_scoped_release>(),
+          "Test hook: src requantized to a weight type by libllama's llama_model_quantize, written to dst.");
+    m.attr("_quantize_types") = quantize_types();
     m.def("_threads_that_can_run", &threads_that_can_run, py::arg("n_threads"),
           "Test hook: compute threads that can run now, of n_threads (fewer while other processes keep cores busy).");
     m.def("selfextend_usable_length", &selfextend_usable_length, py::arg("n_ctx_train"), py::arg("group_size"),
@@ -292,8 +296,9 @@ PYBIND11_MODULE(_engine, m) {
              py::arg("template_override") = "");
 
     py::class_<reference_model>(m, "Reference", "llama.cpp's own forward pass, for parity tests and benchmarks.")
-        .def(py::init<const std::string &, int32_t, int32_t, int32_t, bool, int32_t>(), py::arg("path"), py::arg("n_ctx"),
-             py::arg("n_batch"), py::arg("n_threads"), py::arg("flash_attn") = true, py::arg("grp_attn_n") = 1,
+        .def(py::init<const std::string &, int32_t, int32_t, int32_t, bool, int32_t, bool>(), py::arg("path"),
+             py::arg("n_ctx"), py::arg("n_batch"), py::arg("n_threads"), py::arg("flash_attn") = true,
+             py::arg("grp_attn_n") = 1, py::arg("repack") = true,
              py::call_guard<py::gil_scoped_release>())
         .def("eval",
              [](reference_model & r, py::object tokens, bool all_logits) {

@@ -12,7 +12,7 @@
 namespace pse {
 
 reference_model::reference_model(const std::string & path, int32_t n_ctx, int32_t n_batch, int32_t n_threads,
-                                 bool flash_attn, int32_t grp_attn_n)
+                                 bool flash_attn, int32_t grp_attn_n, bool repack)
     : n_ctx_(n_ctx), n_batch_(n_batch), grp_n_(grp_attn_n) {
     if (n_ctx < 1 || n_batch < 1 || n_threads < 1) throw std::invalid_argument("n_ctx, n_batch and n_threads must be >= 1");
     if (grp_attn_n < 1 || n_batch % grp_attn_n != 0) {
@@ -22,6 +22,7 @@ reference_model::reference_model(const std::string & path, int32_t n_ctx, int32_
     llama_backend_init();
     llama_model_params mp = llama_model_default_params();
     mp.n_gpu_layers = 0;
+    mp.use_extra_bufts = repack;
     model_ = llama_model_load_from_file(path.c_str(), mp);
     if (!model_) throw std::invalid_argument(path + ": llama.cpp could not load the model");
     {
@@ -130,6 +131,55 @@ std::vector<float> reference_model::eval(const std::vector<int32_t> & tokens, bo
     }
     llama_batch_free(batch);
     return out;
+}
+
+namespace {
+
+struct quantize_type {
+    const char * name;
+    llama_ftype ftype;
+};
+
+// llama-quantize's names, lower case.
+const quantize_type k_quantize_types[] = {
+    {"f32", LLAMA_FTYPE_ALL_F32},       {"f16", LLAMA_FTYPE_MOSTLY_F16},       {"bf16", LLAMA_FTYPE_MOSTLY_BF16},
+    {"q4_0", LLAMA_FTYPE_MOSTLY_Q4_0},  {"q4_1", LLAMA_FTYPE_MOSTLY_Q4_1},     {"q5_0", LLAMA_FTYPE_MOSTLY_Q5_0},
+    {"q5_1", LLAMA_FTYPE_MOSTLY_Q5_1},  {"q8_0", LLAMA_FTYPE_MOSTLY_Q8_0},     {"q2_k", LLAMA_FTYPE_MOSTLY_Q2_K},
+    {"q3_k_s", LLAMA_FTYPE_MOSTLY_Q3_K_S}, {"q3_k_m", LLAMA_FTYPE_MOSTLY_Q3_K_M}, {"q4_k_s", LLAMA_FTYPE_MOSTLY_Q4_K_S},
+    {"q4_k_m", LLAMA_FTYPE_MOSTLY_Q4_K_M}, {"q5_k_s", LLAMA_FTYPE_MOSTLY_Q5_K_S}, {"q5_k_m", LLAMA_FTYPE_MOSTLY_Q5_K_M},
+    {"q6_k", LLAMA_FTYPE_MOSTLY_Q6_K},  {"iq4_nl", LLAMA_FTYPE_MOSTLY_IQ4_NL}, {"iq4_xs", LLAMA_FTYPE_MOSTLY_IQ4_XS},
+};
+
+}  // namespace
+
+std::vector<std::string> quantize_types() {
+    std::vector<std::string> out;
+    for (const quantize_type & t : k_quantize_types) out.emplace_back(t.name);
+    return out;
+}
+
+void quantize_model(const std::string & src, const std::string & dst, const std::string & type, int32_t n_threads,
+                    bool pure) {
+    const quantize_type * found = nullptr;
+    for (const quantize_type & t : k_quantize_types) {
+        if (type == t.name) found = &t;
+    }
+    if (!found) {
+        std::string names;
+        for (const std::string & n : quantize_types()) names += (names.empty() ? "" : ", ") + n;
+        throw std::invalid_argument("unknown weight type '" + type + "' (known: " + names + ")");
+    }
+    if (n_threads < 1) throw std::invalid_argument("n_threads must be >= 1");
+    load_gguf_model(src);  // libllama asserts on some corrupt files: validate the source first
+    llama_backend_init();
+    llama_model_quantize_params params = llama_model_quantize_default_params();
+    params.nthread = n_threads;
+    params.ftype = found->ftype;
+    params.allow_requantize = true;  // the source may itself be quantized
+    params.pure = pure;
+    if (llama_model_quantize(src.c_str(), dst.c_str(), &params) != 0) {
+        throw std::runtime_error("llama.cpp could not quantize " + src + " to " + type);
+    }
 }
 
 }  // namespace pse

@@ -16,8 +16,10 @@ public:
     // grp_attn_n > 1 turns on llama.cpp's group attention (its passkey example's --grp-attn-n): before
     // each new full batch, the cached positions of the previous batch are divided by grp_attn_n, so
     // only the current batch keeps exact positions. A long-context baseline, not SelfExtend.
+    // repack: llama.cpp's default, weights of some types (Q4_0, Q4_K, IQ4_NL, ...) rearranged for
+    // its faster CPU kernels, which sum in another order; false keeps them as in the file.
     reference_model(const std::string & path, int32_t n_ctx, int32_t n_batch, int32_t n_threads, bool flash_attn,
-                    int32_t grp_attn_n = 1);
+                    int32_t grp_attn_n = 1, bool repack = true);
     ~reference_model();
     reference_model(const reference_model &) = delete;
     reference_model & operator=(const reference_model &) = delete;
@@ -38,5 +40,14 @@ private:
     int32_t full_batches_ = 0;   // full batches evaluated so far
     bool last_full_ = false;     // was the previous batch a full one (then it gets divided)
 };
+
+// Writes `src` requantized to `type` ("q4_k_m", "iq4_xs", "bf16", ...: the names of
+// quantize_types()) into `dst` with libllama's llama_model_quantize, as llama.cpp's
+// llama-quantize does: its mix of types per tensor, or with `pure` the one type wherever a tensor's
+// rows fit its blocks (others get a fallback type either way). For tests and benchmarks of every
+// weight type from one real model.
+void quantize_model(const std::string & src, const std::string & dst, const std::string & type, int32_t n_threads,
+                    bool pure = false);
+std::vector<std::string> quantize_types();
 
 }  // namespace pse
