@@ -78,7 +78,8 @@ class Generation(Iterator[str]):
     ``cached_tokens`` (how many of them the cache already held, so were not evaluated again;
     known after the first piece), ``completion_tokens`` (tokens generated so far) and, once it
     has ended, ``finish_reason``: ``"stop"`` (an end-of-generation token or a stop string) or
-    ``"length"`` (``max_tokens`` reached). ``close()`` ends it early.
+    ``"length"`` (``max_tokens`` reached). ``close()`` ends it early; ``cancel()`` asks it, from
+    any thread, to end at its next token (or prompt batch) without yielding more.
     """
 
     def __init__(self, prompt_tokens: int) -> None:
@@ -86,7 +87,13 @@ class Generation(Iterator[str]):
         self.cached_tokens = 0
         self.completion_tokens = 0
         self.finish_reason: Optional[str] = None
+        self.cancelled = False
         self._pieces: Iterator[str] = iter(())
+
+    def cancel(self) -> None:
+        """Ends the generation at its next step; safe to call from another thread. Text held
+        back (a possible stop string, an incomplete character) is dropped."""
+        self.cancelled = True
 
     def __next__(self) -> str:
         return next(self._pieces)
@@ -330,6 +337,13 @@ class LocalModel:
             generation.cached_tokens = keep
         return self._eval(ids[keep:], progress=progress)
 
+    def abort(self) -> None:
+        """Stops the evaluation running in another thread within its current graph run (a
+        prompt batch or one token); that call raises ``EvalAborted``, and the cache keeps the
+        batches finished before. Safe from any thread; without a running evaluation it does
+        nothing."""
+        self._engine.abort()
+
     def truncate(self, n: int) -> None:
         """Keeps the first ``n`` cached tokens and forgets the rest."""
         n = _require_int("n", n)
@@ -563,15 +577,28 @@ class LocalModel:
                        progress: Optional[ProgressCallback], generation: Generation) -> Iterator[str]:
         # The lock is held for each step, never across a yield: a stream that is not consumed
         # must not block the model's other users.
+        def reading(done: int, total: int) -> Optional[bool]:
+            go_on = progress(done, total) if progress else True
+            return False if generation.cancelled else go_on
+
+        if generation.cancelled:  # before it started
+            return
         with self._lock:
             self._cache_epoch += 1
             epoch = self._cache_epoch
-            logits = self._prefill(ids, progress, generation)
+            try:
+                logits = self._prefill(ids, reading, generation)
+            except _engine.EvalAborted:
+                if generation.cancelled:
+                    return
+                raise
         history = list(ids)
         decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
         hold = max((len(s) for s in stops), default=1) - 1  # chars kept back: a stop may straddle pieces
         pending = ""
         for step in range(max_tokens):
+            if generation.cancelled:
+                return
             token = sampler.sample(logits, history)
             if self._vocab.is_eog(token):
                 generation.finish_reason = "stop"

@@ -40,14 +40,17 @@ from .progress import ProgressBar
 DEFAULT_MAX_WAITING = 16
 DEFAULT_MAX_REQUEST_BYTES = 16 << 20
 RETRY_AFTER_SECONDS = 5
+BODY_TIMEOUT_SECONDS = 60  # to receive a whole request body
+MAX_STOP_STRINGS, MAX_STOP_LENGTH = 16, 1000  # each is searched for after every token
 
 # Request fields taken as they are, by the name LocalModel.generate gives them. Absent or null
 # fields keep LocalModel's defaults, so that the server and the library behave alike.
 SAMPLING_FIELDS = ("temperature", "top_p", "top_k", "min_p", "repeat_penalty", "seed", "stop")
 # OpenAI fields this server does not implement, with the values that mean "not used".
-UNSUPPORTED = {"n": (1,), "best_of": (1,), "echo": (False,), "logprobs": (False, None), "top_logprobs": (0,),
-               "suffix": ("",), "tools": ([],), "functions": ([],), "frequency_penalty": (0, 0.0),
-               "presence_penalty": (0, 0.0), "logit_bias": ({},)}
+UNSUPPORTED = {"n": (1,), "best_of": (1,), "echo": (False,), "logprobs": (False,), "top_logprobs": (0,),
+               "suffix": ("",), "tools": ([],), "functions": ([],), "tool_choice": ("none",),
+               "frequency_penalty": (0, 0.0), "presence_penalty": (0, 0.0), "logit_bias": ({},),
+               "response_format": ({"type": "text"},)}
 ROLES = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant"}
 
 
@@ -88,6 +91,7 @@ class Job:
     events: "asyncio.Queue[Tuple[str, Any]]" = field(default_factory=asyncio.Queue)
     cancel_reason: str = ""
     read: Tuple[int, int] = (0, 0)  # prompt tokens evaluated / to evaluate, for the log
+    created: int = field(default_factory=lambda: int(time.time()))
 
     def emit(self, kind: str, value: Any = None) -> None:
         try:
@@ -99,6 +103,7 @@ class Job:
         if not self.cancelled.is_set():
             self.cancel_reason = reason
             self.cancelled.set()
+            self.generation.cancel()  # ends it at its next token or prompt batch
 
 
 class Worker:
@@ -117,30 +122,38 @@ class Worker:
 
     @property
     def waiting(self) -> int:
-        return len(self._waiting)
+        """Requests waiting whose clients still want an answer."""
+        with self._lock:
+            return sum(1 for job in self._waiting if not job.cancelled.is_set())
 
     def submit(self, job: Job) -> None:
         """Queues ``job``; 503 when the server is shutting down or the queue is full."""
         with self._lock:
             if self.stopping:
                 raise APIError(503, "the server is shutting down", type="server_error", code="shutting_down")
-            if len(self._waiting) >= self.max_waiting:
-                raise APIError(503, f"the server is busy: {len(self._waiting)} requests are already waiting (at most "
+            waiting = sum(1 for j in self._waiting if not j.cancelled.is_set())
+            if waiting >= self.max_waiting:
+                raise APIError(503, f"the server is busy: {waiting} requests are already waiting (at most "
                                     f"{self.max_waiting}); retry in a few seconds", type="server_error",
                                code="server_busy", headers={"Retry-After": str(RETRY_AFTER_SECONDS)})
             self._waiting.append(job)
         self._jobs.put(job)
 
     def shutdown(self) -> None:
-        """Turns new requests away and ends the running and waiting ones (each gets an error)."""
+        """Turns new requests away and ends the running and waiting ones; each gets an error now."""
         with self._lock:
             self.stopping = True
-            for job in self._waiting + ([self.current] if self.current else []):
-                job.cancel("shutdown")
+            jobs = self._waiting + ([self.current] if self.current else [])
+        for job in jobs:
+            job.cancel("shutdown")
+            job.emit("error", _SHUTTING_DOWN)
+        if jobs:
+            self.llm.abort()  # the running graph stops now rather than at its end
         self._jobs.put(None)
 
-    def join(self, timeout: float) -> None:
-        self._thread.join(timeout)
+    def join(self) -> None:
+        """Waits for the worker to leave the engine (after shutdown(): within a graph run)."""
+        self._thread.join()
 
     def _run(self) -> None:
         while True:
@@ -152,6 +165,8 @@ class Worker:
                 self.current = job
             try:
                 self._compute(job)
+            except BaseException as e:  # noqa: BLE001 - the worker must outlive any one request
+                job.emit("error", APIError(500, f"internal error: {type(e).__name__}: {e}", type="server_error"))
             finally:
                 with self._lock:
                     self.current = None
@@ -167,7 +182,7 @@ class Worker:
                     job.emit("piece", piece)
                     if job.cancelled.is_set():
                         break
-        except EvalAborted:  # the progress callback saw the cancellation while the prompt was read
+        except EvalAborted:  # abort() at shutdown, while the prompt was read
             pass
         except Exception as e:  # noqa: BLE001 - reported to the client, the server goes on
             self.log(f"request {job.id}: failed: {type(e).__name__}: {e}")
@@ -184,15 +199,16 @@ class Worker:
             if job.cancel_reason == "client":
                 self.log(f"request {job.id}: cancelled by the client {where}, {seconds:.1f} s")
                 job.emit("error", APIError(499, "the client went away", code="client_closed_request"))
-            else:
+            else:  # shutdown() has answered it
                 self.log(f"request {job.id}: ended by the server's shutdown {where}")
-                job.emit("error", APIError(503, "the server is shutting down", type="server_error",
-                                           code="shutting_down"))
             return
         self.completed += 1
         self.log(f"request {job.id}: {job.kind}, {gen.prompt_tokens} prompt tokens ({gen.cached_tokens} cached), "
                  f"{gen.completion_tokens} generated in {seconds:.2f} s, finish_reason {gen.finish_reason}")
         job.emit("end", None)
+
+
+_SHUTTING_DOWN = APIError(503, "the server is shutting down", type="server_error", code="shutting_down")
 
 
 class Server:
@@ -213,7 +229,10 @@ class Server:
         self.app = self._build_app()
 
     def log(self, message: str) -> None:
-        print(f"pyselfextend: {message}", file=self.log_stream, flush=True)
+        try:
+            print(f"pyselfextend: {message}", file=self.log_stream, flush=True)
+        except (OSError, ValueError):  # a closed or broken log stream must not stop the server
+            pass
 
     # -- the application -----------------------------------------------------------------
     def _build_app(self):
@@ -225,7 +244,7 @@ class Server:
             code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code)
             text = (f"no such endpoint: {request.method} {request.url.path}" if exc.status_code in (404, 405)
                     else str(exc.detail))
-            return self._error(APIError(exc.status_code, text, code=code))
+            return self._error(APIError(exc.status_code, text, code=code, headers=dict(exc.headers or {})))
 
         routes = [
             Route("/health", self._endpoint(self.health, auth=False), methods=["GET"]),
@@ -237,6 +256,8 @@ class Server:
         return Starlette(routes=routes, exception_handlers={HTTPException: http_error})
 
     def _endpoint(self, handler, *, auth: bool = True):
+        from starlette.requests import ClientDisconnect
+
         async def endpoint(request):
             try:
                 if auth:
@@ -244,6 +265,10 @@ class Server:
                 return await handler(request)
             except APIError as e:
                 return self._error(e)
+            except ClientDisconnect:  # gone before its request was read: nobody to answer
+                from starlette.responses import Response
+
+                return Response(status_code=499)
             except Exception as e:  # noqa: BLE001 - bad input never takes the server down
                 self.log(f"{request.method} {request.url.path}: internal error: {type(e).__name__}: {e}")
                 return self._error(APIError(500, f"internal error: {type(e).__name__}: {e}", type="server_error"))
@@ -274,10 +299,18 @@ class Server:
             if int(length) > limit:
                 raise too_large
         body = bytearray()
-        async for chunk in request.stream():
-            body += chunk
-            if len(body) > limit:
-                raise too_large
+
+        async def read() -> None:
+            async for chunk in request.stream():
+                body.extend(chunk)
+                if len(body) > limit:
+                    raise too_large
+
+        try:
+            await asyncio.wait_for(read(), BODY_TIMEOUT_SECONDS)
+        except asyncio.TimeoutError:
+            raise APIError(408, f"the request body did not arrive within {BODY_TIMEOUT_SECONDS} s",
+                           code="request_timeout") from None
         try:
             data = json.loads(bytes(body))
         except ValueError as e:  # also bytes that are not UTF-8
@@ -289,9 +322,15 @@ class Server:
             raise APIError(404, f"the model {model!r} does not exist; this server has {self.model_id!r}",
                            param="model", code="model_not_found")
         for name, unused in UNSUPPORTED.items():
-            if data.get(name) is not None and data[name] not in unused:
-                raise APIError(400, f"{name}={data[name]!r} is not supported by this server", param=name,
+            value = data.get(name)
+            if value is not None and not any(type(value) is type(u) and value == u for u in unused):
+                raise APIError(400, f"{name}={value!r} is not supported by this server", param=name,
                                code="unsupported_value")
+        stop = data.get("stop")
+        stops = [stop] if isinstance(stop, str) else stop if isinstance(stop, list) else []
+        if len(stops) > MAX_STOP_STRINGS or any(isinstance(x, str) and len(x) > MAX_STOP_LENGTH for x in stops):
+            raise APIError(400, f"stop: at most {MAX_STOP_STRINGS} strings of at most {MAX_STOP_LENGTH} characters",
+                           param="stop")
         return data
 
     # -- endpoints -----------------------------------------------------------------------
@@ -329,8 +368,8 @@ class Server:
             ids = await run_in_threadpool(self.llm.chat_tokens, messages, chat_template=self.chat_template)
         except (ValueError, TypeError) as e:
             raise APIError(400, str(e), param="messages") from None
-        limit = data.get("max_completion_tokens", data.get("max_tokens"))
-        return await self._run(request, data, ids, "chat", None if limit is None else limit)
+        name = "max_completion_tokens" if data.get("max_completion_tokens") is not None else "max_tokens"
+        return await self._run(request, data, ids, "chat", data.get(name), name)
 
     async def completions(self, request):
         from starlette.concurrency import run_in_threadpool
@@ -353,17 +392,20 @@ class Server:
                                 "(batches of several prompts are not supported)", param="prompt")
         if not ids:
             raise APIError(400, "the prompt is empty", param="prompt")
-        return await self._run(request, data, ids, "completion", data.get("max_tokens", 16))
+        max_tokens = data.get("max_tokens")
+        return await self._run(request, data, ids, "completion", 16 if max_tokens is None else max_tokens)
 
     # -- running a request ---------------------------------------------------------------
-    async def _run(self, request, data: Dict[str, Any], ids: List[int], kind: str, max_tokens: Optional[int]):
-        stream = data.get("stream", False)
-        if not isinstance(stream, bool):
+    async def _run(self, request, data: Dict[str, Any], ids: List[int], kind: str, max_tokens: Optional[int],
+                   max_tokens_name: str = "max_tokens"):
+        stream = data.get("stream")
+        if stream is not None and not isinstance(stream, bool):
             raise APIError(400, f"stream must be true or false, got {stream!r}", param="stream")
         options = data.get("stream_options") or {}
-        if not isinstance(options, dict):
-            raise APIError(400, "stream_options must be an object", param="stream_options")
-        include_usage = bool(options.get("include_usage", False))
+        include_usage = options.get("include_usage", False) if isinstance(options, dict) else None
+        if not isinstance(include_usage, bool):
+            raise APIError(400, "stream_options must be an object such as {\"include_usage\": true}",
+                           param="stream_options")
         if max_tokens is None:  # chat without a limit: as much as the context holds
             max_tokens = max(self.llm.n_ctx - len(ids), 0)
         sampling = {k: data[k] for k in SAMPLING_FIELDS if data.get(k) is not None}
@@ -380,11 +422,15 @@ class Server:
         try:
             generation = self.llm.generate(ids, max_tokens=max_tokens, stream=True, progress=progress, **sampling)
         except (ValueError, TypeError) as e:
-            raise _invalid(e, data) from None
+            error = _invalid(e, data)
+            if error.param == "max_tokens":  # by the name the client used
+                error.param = max_tokens_name
+                error.message = error.message.replace("max_tokens", max_tokens_name, 1)
+            raise error from None
         job = Job(job_id, kind, generation, asyncio.get_running_loop(), cancelled)
         job_ref.append(job)
         self.worker.submit(job)
-        if stream:
+        if stream is True:
             from starlette.responses import StreamingResponse
 
             return StreamingResponse(self._events(job, include_usage), media_type="text/event-stream",
@@ -398,7 +444,7 @@ class Server:
 
     def _envelope(self, job: Job, chunk: bool) -> Dict[str, Any]:
         kind = ("chat.completion.chunk" if chunk else "chat.completion") if job.kind == "chat" else "text_completion"
-        return {"id": job.id, "object": kind, "created": int(time.time()), "model": self.model_id}
+        return {"id": job.id, "object": kind, "created": job.created, "model": self.model_id}
 
     async def _whole(self, request, job: Job):
         """A non-streamed response; a client that goes away cancels the job."""
@@ -479,7 +525,7 @@ def _messages(value: Any) -> List[Dict[str, str]]:
         if not isinstance(m, dict):
             raise APIError(400, f"messages[{i}] must be an object with role and content", param="messages")
         role, content = m.get("role"), m.get("content")
-        if role not in ROLES:
+        if not isinstance(role, str) or role not in ROLES:
             raise APIError(400, f"messages[{i}].role must be one of {', '.join(ROLES)}, got {role!r}",
                            param="messages")
         if isinstance(content, list):  # content parts: only text ones
@@ -512,6 +558,11 @@ def serve(llm: LocalModel, *, model_id: str, host: str = "127.0.0.1", port: int 
                     max_request_bytes=max_request_bytes)
 
     class _Uvicorn(uvicorn.Server):
+        async def startup(self, sockets: Any = None) -> None:
+            await super().startup(sockets)
+            if self.started:  # bound: say where (uvicorn's own line says it too, without the /v1)
+                server.log(f"serving {model_id!r} on http://{host}:{port}/v1 (OpenAI-compatible; Ctrl-C stops)")
+
         def handle_exit(self, sig: int, frame: Any) -> None:
             server.worker.shutdown()  # the running request stops within a token (or a prompt batch)
             # Not uvicorn's own handler, which re-raises the signal once it has shut down, so that
@@ -522,8 +573,15 @@ def serve(llm: LocalModel, *, model_id: str, host: str = "127.0.0.1", port: int 
 
     config = uvicorn.Config(server.app, host=host, port=port, log_level="info", timeout_graceful_shutdown=10,
                             lifespan="off")
-    server.log(f"serving {model_id!r} on http://{host}:{port}/v1 (OpenAI-compatible; Ctrl-C stops)")
-    _Uvicorn(config).run()
-    server.worker.join(timeout=10)
+    uv = _Uvicorn(config)
+    try:
+        uv.run()
+    except SystemExit:  # uvicorn's way to say it could not start (a port in use): said below
+        pass
+    finally:
+        server.worker.shutdown()
+        server.worker.join()  # never exit while the worker is inside the engine
+    if not uv.started:
+        raise RuntimeError(f"could not serve on {host}:{port} (see the message above)")
     server.log("stopped")
     return 0

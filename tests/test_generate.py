@@ -64,6 +64,17 @@ def test_a_stream_counts_its_tokens_and_says_why_it_ended(smol):
     assert chat.finish_reason == "stop" and 0 < chat.completion_tokens < 200
 
 
+def test_a_cancelled_stream_ends_at_its_next_step(tiny_model):
+    llm = LocalModel(tiny_model(), n_ctx=256, n_threads=1)
+    gen = llm.generate([5, 6, 7], max_tokens=100, temperature=0, stream=True)
+    gen.cancel()
+    assert list(gen) == [] and llm.cached_tokens == [] and gen.finish_reason is None  # nothing was read
+    gen = llm.generate([5, 6, 7], max_tokens=100, temperature=0, stream=True)
+    next(gen)
+    gen.cancel()  # as from another thread: no more pieces, not even text held back
+    assert list(gen) == [] and gen.completion_tokens == 1 and gen.finish_reason is None
+
+
 @pytest.mark.model
 def test_chat_uses_the_models_template(smol):
     text = smol._vocab.apply_chat_template([("user", "Hi")], True)

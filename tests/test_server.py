@@ -65,15 +65,15 @@ class ServerProcess:
     def health(self) -> dict:
         return httpx.get(self.url + "/health", timeout=10).json()
 
-    def wait_for_log(self, needle: str, timeout: float = 60) -> str:
-        """The first log line containing ``needle`` (waits for it to appear)."""
+    def wait_for_log(self, needle: str, timeout: float = 60, nth: int = 1) -> str:
+        """The ``nth`` log line containing ``needle`` (waits for it to appear)."""
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
-            for line in self.log().splitlines():
-                if needle in line:
-                    return line
+            lines = [line for line in self.log().splitlines() if needle in line]
+            if len(lines) >= nth:
+                return lines[nth - 1]
             time.sleep(0.1)
-        raise AssertionError(f"no log line with {needle!r}:\n{self.log()}")
+        raise AssertionError(f"no log line {nth} with {needle!r}:\n{self.log()}")
 
     def stop(self, sig: int = signal.SIGTERM, timeout: float = 30) -> Optional[int]:
         if self.proc.poll() is None:
@@ -231,6 +231,13 @@ def test_every_error_has_its_status_and_openai_shape(server, client):
         ({**chat, "messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}]},
          400, "messages"),
         ({**chat, "model": "gpt-4o"}, 404, "model"),
+        ({**chat, "messages": [{"role": ["user"], "content": "hi"}]}, 400, "messages"),
+        ({**chat, "n": True}, 400, "n"),
+        ({**chat, "response_format": {"type": "json_object"}}, 400, "response_format"),
+        ({**chat, "tool_choice": "required"}, 400, "tool_choice"),
+        ({**chat, "stop": ["x"] * 17}, 400, "stop"),
+        ({**chat, "stream_options": {"include_usage": "yes"}}, 400, "stream_options"),
+        ({**chat, "max_tokens": None, "max_completion_tokens": -3}, 400, "max_completion_tokens"),
     ]
     for body, status, param in cases:
         r = _post(server, "/v1/chat/completions", body)
@@ -266,6 +273,14 @@ def test_every_error_has_its_status_and_openai_shape(server, client):
     for method, path, status in [("POST", "/v1/nothing", 404), ("GET", "/v1/chat/completions", 405)]:
         r = _post(server, path, {}, method=method)
         assert r.status_code == status and set(r.json()["error"]) == {"message", "type", "param", "code"}
+    assert _post(server, "/v1/completions", {}, method="GET").headers["allow"] == "POST"
+
+    # Null means absent: the other limit, or the default.
+    r = _post(server, "/v1/chat/completions", {**chat, "max_tokens": 3, "max_completion_tokens": None})
+    assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] <= 3
+    r = _post(server, "/v1/completions", {**completion, "prompt": "Once upon a time", "max_tokens": None,
+                                          "temperature": 0})
+    assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] == 16
 
     r = _post(server, "/v1/completions", {**completion, "prompt": "x" * 300_000})
     assert r.status_code == 413 and r.json()["error"]["code"] == "request_too_large"
@@ -297,7 +312,17 @@ def test_a_client_that_disconnects_stops_its_generation(server, client):
     with pytest.raises(httpx.ReadTimeout):
         httpx.post(server.url + "/v1/completions", headers={"Authorization": f"Bearer {KEY}"}, timeout=1.5,
                    json={"model": MODEL, "prompt": "Twice upon a time", "max_tokens": 3000, "temperature": 0})
-    server.wait_for_log("cancelled by the client after", timeout=30)
+    server.wait_for_log("cancelled by the client after", timeout=30, nth=2)
+
+    # Stop strings hold text back (here all of it): the request still ends within a token.
+    with pytest.raises(httpx.ReadTimeout):
+        with httpx.stream("POST", server.url + "/v1/completions", headers={"Authorization": f"Bearer {KEY}"},
+                          timeout=1.5, json={"model": MODEL, "prompt": "Thrice upon a time", "max_tokens": 3000,
+                                             "temperature": 0, "stop": ["@" * 900], "stream": True}) as r:
+            for _ in r.iter_lines():
+                pass
+    line = server.wait_for_log("cancelled by the client after", timeout=30, nth=3)
+    assert int(line.split(" after ")[1].split()[0]) < 1000, line  # not the 3000 asked for
 
     # While the prompt is read: a ~5k-token document is left within a batch or two.
     with pytest.raises(httpx.ReadTimeout):
@@ -363,22 +388,35 @@ def test_a_full_queue_answers_503_and_a_signal_shuts_down_cleanly(smollm_path, r
     server = ServerProcess(ATTENTION + ["--queue", "1"], tmp_path)
     try:
         stream, _ = _stream_until_first_piece(server.url, "Once upon a time")  # computing
-        waiting: dict = {}
-        prompt = "The opposite of hot is"
-        waiter = threading.Thread(target=lambda: waiting.update(
-            r=_post(server, "/v1/completions", {"prompt": prompt, "max_tokens": 4, "temperature": 0}, key=None)))
-        waiter.start()
-        deadline = time.monotonic() + 30
-        while server.health()["waiting"] < 1 and time.monotonic() < deadline:
-            time.sleep(0.05)
-        assert server.health()["waiting"] == 1
 
+        def wait_for_waiting(n: int) -> None:
+            deadline = time.monotonic() + 30
+            while server.health()["waiting"] != n and time.monotonic() < deadline:
+                time.sleep(0.05)
+            assert server.health()["waiting"] == n
+
+        # A client that gives up while waiting frees its place at once.
+        def impatient() -> None:
+            with pytest.raises(httpx.ReadTimeout):
+                httpx.post(server.url + "/v1/completions", json={"prompt": "x", "max_tokens": 2}, timeout=2)
+
+        gives_up = threading.Thread(target=impatient)
+        gives_up.start()
+        wait_for_waiting(1)
         busy = openai.OpenAI(base_url=server.url + "/v1", api_key="none", max_retries=0)
         with pytest.raises(openai.InternalServerError) as e:
             busy.completions.create(model=MODEL, prompt="x", max_tokens=2)
         assert e.value.status_code == 503 and e.value.code == "server_busy"
         assert int(e.value.response.headers["retry-after"]) > 0
+        gives_up.join(30)
+        wait_for_waiting(0)
 
+        waiting: dict = {}
+        prompt = "The opposite of hot is"
+        waiter = threading.Thread(target=lambda: waiting.update(
+            r=_post(server, "/v1/completions", {"prompt": prompt, "max_tokens": 4, "temperature": 0}, key=None)))
+        waiter.start()
+        wait_for_waiting(1)
         stream.close()  # the running request goes; the waiting one runs and answers in full
         waiter.join(120)
         assert waiting["r"].status_code == 200
