@@ -256,6 +256,20 @@ PYBIND11_MODULE(_engine, m) {
              },
              py::arg("n"), py::arg("data"), "Replaces the cache with n tokens' K and V rows (from read_state).")
         .def("abort", &engine::abort)
+        .def("_capture",
+             [](engine & e, py::object tokens, const std::vector<std::string> & names) {
+                 std::vector<int32_t> ids = to_tokens(tokens);
+                 std::vector<std::vector<float>> got;
+                 {
+                     py::gil_scoped_release release;
+                     got = e.capture(ids, names);
+                 }
+                 py::list out;
+                 for (auto & v : got) out.append(py::array_t<float>((py::ssize_t) v.size(), v.data()));
+                 return out;
+             },
+             py::arg("tokens"), py::arg("names"),
+             "Test hook: appends tokens as one batch; copies of the named graph tensors (q-L, k-L, v-L, kqv_out-L).")
         .def("set_n_threads", &engine::set_n_threads)
         .def_property_readonly("n_past", &engine::n_past)
         .def_property_readonly("n_ctx", [](const engine & e) { return e.params().n_ctx; })

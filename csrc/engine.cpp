@@ -196,13 +196,30 @@ void engine::adapt_threads() {
     }
 }
 
-void engine::eval_batch(const int32_t * tokens, int32_t n_tokens, int32_t n_outputs, float * logits_out) {
+void engine::eval_batch(const int32_t * tokens, int32_t n_tokens, int32_t n_outputs, float * logits_out,
+                        const std::vector<std::string> * capture_names, std::vector<std::vector<float>> * captured) {
     ggml_init_params ip = {graph_meta_.size(), graph_meta_.data(), /*no_alloc =*/ true};
     ggml_context * ctx = ggml_init(ip);
     llama_graph_inputs in;
     ggml_cgraph * gf = build_llama_graph(ctx, *model_, cache_, attention_cfg(), rope_override_, cache_.n_past, n_tokens,
                                          n_outputs, in);
-    if (!ggml_gallocr_alloc_graph(galloc_.get(), gf)) {
+    std::vector<ggml_tensor *> copies;
+    for (const std::string & name : capture_names ? *capture_names : std::vector<std::string>()) {
+        ggml_tensor * t = ggml_graph_get_tensor(gf, name.c_str());
+        if (!t || t->type != GGML_TYPE_F32) {
+            ggml_free(ctx);
+            throw std::invalid_argument("capture: no float tensor '" + name + "' in the graph");
+        }
+        ggml_tensor * copy = ggml_cont(ctx, t);  // an output of its own: never overwritten
+        ggml_set_output(copy);
+        ggml_build_forward_expand(gf, copy);
+        copies.push_back(copy);
+    }
+    // A capture graph gets an allocator of its own: the shared one would reuse the last graph's
+    // plan for a graph of the same shape, in which the captured tensors' memory was reused early.
+    ggml_gallocr_ptr own_alloc(copies.empty() ? nullptr
+                                              : ggml_gallocr_new(ggml_backend_get_default_buffer_type(backend_.get())));
+    if (!ggml_gallocr_alloc_graph(own_alloc ? own_alloc.get() : galloc_.get(), gf)) {
         ggml_free(ctx);
         throw std::runtime_error("cannot allocate compute buffers for a batch of " + std::to_string(n_tokens));
     }
@@ -216,10 +233,27 @@ void engine::eval_batch(const int32_t * tokens, int32_t n_tokens, int32_t n_outp
     if (status == GGML_STATUS_SUCCESS && in.logits && logits_out) {
         ggml_backend_tensor_get(in.logits, logits_out, 0, ggml_nbytes(in.logits));
     }
+    for (ggml_tensor * copy : copies) {
+        captured->emplace_back(ggml_nelements(copy));
+        if (status == GGML_STATUS_SUCCESS) ggml_backend_tensor_get(copy, captured->back().data(), 0, ggml_nbytes(copy));
+    }
     ggml_free(ctx);
     if (status == GGML_STATUS_ABORTED) throw eval_aborted("evaluation stopped");
     if (status != GGML_STATUS_SUCCESS) throw std::runtime_error("graph computation failed");
     cache_.n_past += n_tokens;
+}
+
+std::vector<std::vector<float>> engine::capture(const std::vector<int32_t> & tokens, const std::vector<std::string> & names) {
+    const int64_t n = (int64_t) tokens.size();
+    if (n < 1 || n > params_.n_batch || cache_.n_past + n > params_.n_ctx) {
+        throw std::invalid_argument("capture: 1 to n_batch tokens that fit in the cache");
+    }
+    for (int32_t t : tokens) {
+        if (t < 0 || t >= model_->hp.n_vocab) throw std::invalid_argument("capture: token id outside the vocabulary");
+    }
+    std::vector<std::vector<float>> out;
+    eval_batch(tokens.data(), (int32_t) n, 0, nullptr, &names, &out);
+    return out;
 }
 
 std::vector<float> engine::eval(const std::vector<int32_t> & tokens, bool all_logits, const progress_fn & progress) {

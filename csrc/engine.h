@@ -66,6 +66,10 @@ public:
     void read_state(int32_t n, uint8_t * dst) const;
     void write_state(int32_t n, const uint8_t * src, size_t size);
     void abort() { abort_ = true; }  // safe from any thread; stops the running eval
+    // Test hook: appends tokens as one batch (at most n_batch) and returns a copy of each named
+    // graph tensor: "q-L", "k-L", "v-L" (layer L's projections, before RoPE), "kqv_out-L" (its
+    // attention output), as float32 in ggml's order.
+    std::vector<std::vector<float>> capture(const std::vector<int32_t> & tokens, const std::vector<std::string> & names);
     int32_t n_past() const { return cache_.n_past; }
     const engine_params & params() const { return params_; }
     const gguf_model & model() const { return *model_; }
@@ -98,7 +102,9 @@ private:
     attention_config attention_cfg() const;
     size_t measure_compute_bytes();  // compute buffer bytes of the largest batch graph
 
-    void eval_batch(const int32_t * tokens, int32_t n_tokens, int32_t n_outputs, float * logits_out);
+    void eval_batch(const int32_t * tokens, int32_t n_tokens, int32_t n_outputs, float * logits_out,
+                    const std::vector<std::string> * capture_names = nullptr,
+                    std::vector<std::vector<float>> * captured = nullptr);
 };
 
 }  // namespace pse

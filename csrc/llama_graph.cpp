@@ -48,6 +48,9 @@ ggml_cgraph * build_llama_graph(ggml_context * ctx, const gguf_model & model, kv
         ggml_tensor * cur = rms_norm(ctx, x, L.attn_norm, hp.rms_eps);
         ggml_format_name(cur, "attn_norm-%d", il);
         const qkv_tensors p = model.arch->project_qkv(ctx, hp, L, cur);
+        ggml_format_name(p.q, "q-%d", il);
+        ggml_format_name(p.k, "k-%d", il);
+        ggml_format_name(p.v, "v-%d", il);
 
         cur = build_attention(ctx, gf, cache, il, in.attn, rope, p.q, p.k, p.v, kq_scale);
         ggml_format_name(cur, "kqv_out-%d", il);

@@ -22,6 +22,15 @@ def smollm_path() -> Path:
 
 
 @pytest.fixture(scope="session")
+def qwen_path() -> Path:
+    """The second real model (Qwen2.5-Coder-0.5B-Instruct Q4_K_M, qwen2), pulled on first use."""
+    path = models.model_path("qwen2.5-coder-0.5b")
+    if not path.exists():
+        models.pull("qwen2.5-coder-0.5b")
+    return path
+
+
+@pytest.fixture(scope="session")
 def tiny_model(tmp_path_factory):
     """Factory: tiny_model(**TinySpec fields) -> path of a random tiny GGUF model (cached per spec)."""
     made = {}
