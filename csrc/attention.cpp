@@ -1,10 +1,47 @@
 #include "attention.h"
 
 #include <algorithm>
+#include <climits>
 #include <cmath>
+#include <stdexcept>
+#include <string>
 #include <vector>
 
 namespace pse {
+
+int64_t selfextend_usable_length(int32_t n_ctx_train, int32_t group_size, int32_t window) {
+    return (int64_t) (n_ctx_train - window) * group_size + window;
+}
+
+void check_selfextend(int32_t n_ctx, int32_t L, int32_t G, int32_t W) {
+    if (G < 1) throw std::invalid_argument("group_size must be >= 1, got " + std::to_string(G));
+    if ((W != 0 || (G > 1 && n_ctx > 0)) && (W < 1 || W >= L)) {
+        throw std::invalid_argument("window must be in [1, " + std::to_string(L - 1) + "] (below the trained context " +
+                                    std::to_string(L) + "), got " + std::to_string(W));
+    }
+    if (G > 1 && n_ctx > 0) {
+        const int64_t reach = selfextend_usable_length(L, G, W);
+        if (reach < n_ctx) {
+            throw std::invalid_argument("SelfExtend with group_size=" + std::to_string(G) + ", window=" +
+                                        std::to_string(W) + " reaches (L - W) * G + W = " + std::to_string(reach) +
+                                        " tokens (L=" + std::to_string(L) + "), less than n_ctx=" +
+                                        std::to_string(n_ctx) + "; raise group_size or lower window");
+        }
+    }
+}
+
+int32_t selfextend_ring_size(int32_t group_size, int32_t window, attention_path path, int32_t n_batch) {
+    if (group_size <= 1 || path != attention_path::fused) return 0;
+    const int64_t ring = (int64_t) window + n_batch;
+    if (ring > INT32_MAX) throw std::invalid_argument("window + n_batch is out of range");
+    return (int32_t) ring;
+}
+
+std::vector<int32_t> ring_refill_rotation(int32_t lo, int32_t hi, int32_t group_size) {
+    std::vector<int32_t> delta(hi - lo);
+    for (int32_t j = lo; j < hi; ++j) delta[j - lo] = j - j / group_size;
+    return delta;
+}
 
 namespace {
 

@@ -16,6 +16,8 @@
 #include "kv_cache.h"
 #include "selfextend_kernel.h"
 
+#include <vector>
+
 namespace pse {
 
 struct rope_params {
@@ -60,6 +62,18 @@ struct attention_batch {
     bool selfextend() const { return cfg.group_size > 1; }
     int32_t n_kv() const { return n_past + n_tokens; }
 };
+
+// SelfExtend's rules, owned here and asked by the engine, the bindings and (through them) Python.
+// (L - W) * G + W: the longest sequence SelfExtend with (G, W) keeps within the trained context L.
+int64_t selfextend_usable_length(int32_t n_ctx_train, int32_t group_size, int32_t window);
+// Throws std::invalid_argument naming the problem: G < 1; W outside [1, L); a usable length below
+// n_ctx when G > 1. n_ctx = 0 checks only what is given (G, and W unless it is 0), before the
+// missing values are chosen.
+void check_selfextend(int32_t n_ctx, int32_t n_ctx_train, int32_t group_size, int32_t window);
+// Rows of the fused path's neighbor-key ring: the window plus one batch (0 when there is none).
+int32_t selfextend_ring_size(int32_t group_size, int32_t window, attention_path path, int32_t n_batch);
+// The rotation that takes cached (grouped) keys j in [lo, hi) to their own position: j - floor(j/G).
+std::vector<int32_t> ring_refill_rotation(int32_t lo, int32_t hi, int32_t group_size);
 
 void make_attention_batch(attention_batch & batch, ggml_context * ctx, const attention_config & cfg,
                           int32_t n_head_kv, int32_t n_past, int32_t n_tokens);

@@ -45,12 +45,6 @@ int32_t narrow(const char * name, int64_t value) {
     return (int32_t) value;
 }
 
-ggml_type cache_type_from(const std::string & s) {
-    if (s == "f16") return GGML_TYPE_F16;
-    if (s == "f32") return GGML_TYPE_F32;
-    throw std::invalid_argument("cache_type must be 'f16' or 'f32', got '" + s + "'");
-}
-
 // Runs an eval without the GIL; a Python progress callback is called with the GIL held, and an
 // exception it raises (KeyboardInterrupt included) stops the eval and is re-raised here.
 template <typename Eval>
@@ -109,8 +103,8 @@ py::array_t<float> attention_probe(py::array_t<float, py::array::c_style | py::a
     std::vector<float> result((size_t) n * n_head * D);
     {
         kv_cache cache;
-        const bool ring = group_size > 1 && path != "portable";
-        cache.init(hp, n, cache_type_from(cache_type), ring ? window + n_batch : 0);
+        const attention_path apath = path == "portable" ? attention_path::portable : attention_path::fused;
+        cache.init(hp, n, kv_cache::type_from_name(cache_type), selfextend_ring_size(group_size, window, apath, n_batch));
         require_memory(cache.bytes_needed(backend), "attention_probe's cache");
         cache.allocate(backend);
         cache.zero();
@@ -124,7 +118,7 @@ py::array_t<float> attention_probe(py::array_t<float, py::array::c_style | py::a
         attention_config cfg;
         cfg.group_size = group_size;
         cfg.window = window;
-        cfg.path = path == "portable" ? attention_path::portable : attention_path::fused;
+        cfg.path = apath;
         cfg.n_threads = n_threads;
         cfg.kq_scale = 1.0f / std::sqrt((float) D);
         cfg.ring_size = cache.ring_size;
@@ -215,7 +209,7 @@ PYBIND11_MODULE(_engine, m) {
                  p.n_ctx = narrow("n_ctx", n_ctx);
                  p.n_batch = narrow("n_batch", n_batch);
                  p.n_threads = narrow("n_threads", n_threads);
-                 p.cache_type = cache_type_from(cache_type);
+                 p.cache_type = kv_cache::type_from_name(cache_type);
                  p.adaptive_threads = adaptive_threads;
                  return new engine(std::move(model), p);
              }),
@@ -289,6 +283,13 @@ PYBIND11_MODULE(_engine, m) {
     m.attr("_quantize_types") = quantize_types();
     m.def("_threads_that_can_run", &threads_that_can_run, py::arg("n_threads"),
           "Test hook: compute threads that can run now, of n_threads (fewer while other processes keep cores busy).");
+    m.def("check_selfextend",
+          [](int64_t n_ctx, int64_t n_ctx_train, int64_t group_size, int64_t window) {
+              check_selfextend(narrow("n_ctx", n_ctx), narrow("n_ctx_train", n_ctx_train),
+                               narrow("group_size", group_size), narrow("window", window));
+          },
+          py::arg("n_ctx"), py::arg("n_ctx_train"), py::arg("group_size"), py::arg("window"),
+          "Raises ValueError when SelfExtend cannot run with these (see attention.h).");
     m.def("selfextend_usable_length", &selfextend_usable_length, py::arg("n_ctx_train"), py::arg("group_size"),
           py::arg("window"), "(L - W) * G + W: the longest sequence SelfExtend keeps within the trained context L.");
 

@@ -16,22 +16,10 @@ engine::engine(std::shared_ptr<gguf_model> model, const engine_params & params)
     if (params_.n_ctx < 1) throw std::invalid_argument("n_ctx must be >= 1, got " + std::to_string(params_.n_ctx));
     if (params_.n_batch < 1) throw std::invalid_argument("n_batch must be >= 1, got " + std::to_string(params_.n_batch));
     params_.n_batch = std::min(params_.n_batch, params_.n_ctx);  // a batch never holds more than the context
-    if (params_.n_threads < 1 || params_.n_threads > 512) {
-        throw std::invalid_argument("n_threads must be in [1, 512], got " + std::to_string(params_.n_threads));
-    }
+    check_thread_count(params_.n_threads);
     const int32_t L = model_->hp.n_ctx_train, G = params_.group_size, W = params_.window;
-    if (G < 1) throw std::invalid_argument("group_size must be >= 1, got " + std::to_string(G));
+    check_selfextend(params_.n_ctx, L, G, G > 1 ? W : 0);
     if (G > 1) {
-        if (W < 1 || W >= L) {
-            throw std::invalid_argument("window must be in [1, " + std::to_string(L - 1) + "] (below the trained context " +
-                                        std::to_string(L) + "), got " + std::to_string(W));
-        }
-        const int64_t usable = selfextend_usable_length(L, G, W);
-        if (params_.n_ctx > usable) {
-            throw std::invalid_argument("n_ctx=" + std::to_string(params_.n_ctx) + " exceeds what SelfExtend with group_size=" +
-                                        std::to_string(G) + ", window=" + std::to_string(W) + " reaches: (L - W) * G + W = " +
-                                        std::to_string(usable) + " tokens (L=" + std::to_string(L) + ")");
-        }
         if (model_->hp.head_dim % 8 != 0) throw std::invalid_argument("SelfExtend needs a head size that is a multiple of 8");
     }
     if (params_.scaling != engine_params::rope_scaling::none) {
@@ -49,10 +37,7 @@ engine::engine(std::shared_ptr<gguf_model> model, const engine_params & params)
                     (params_.path == engine_params::path_choice::automatic && !ggml_backend_is_cpu(backend_.get()))
                 ? attention_path::portable : attention_path::fused;
     ggml_backend_cpu_set_abort_callback(backend_.get(), [](void * data) { return ((std::atomic<bool> *) data)->load(); }, &abort_);
-    // The fused path keeps neighbor keys in a ring that must hold W + one batch of keys.
-    const int64_t ring = G > 1 && path_ == attention_path::fused ? (int64_t) W + params_.n_batch : 0;
-    if (ring > INT32_MAX) throw std::invalid_argument("window + n_batch is out of range");
-    ring_size_ = (int32_t) ring;
+    ring_size_ = selfextend_ring_size(G, W, path_, params_.n_batch);
     cache_.init(model_->hp, params_.n_ctx, params_.cache_type, ring_size_);
     // The weights (mapped), the cache and the compute buffers must fit together.
     cache_bytes_ = cache_.bytes_needed(backend_.get());
@@ -100,10 +85,6 @@ attention_config engine::attention_cfg() const {
     attn.n_threads = params_.n_threads;
     attn.ring_size = ring_size_;
     return attn;
-}
-
-int64_t selfextend_usable_length(int32_t n_ctx_train, int32_t group_size, int32_t window) {
-    return (int64_t) (n_ctx_train - window) * group_size + window;
 }
 
 // Members are released in reverse order of declaration: the cache's buffer, then the allocator,
@@ -168,8 +149,7 @@ void engine::refill_ring(int32_t lo, int32_t hi) {
         ggml_free(ctx);
         throw std::runtime_error("cannot allocate the ring refill graph");
     }
-    std::vector<int32_t> delta(hi - lo);
-    for (int32_t j = lo; j < hi; ++j) delta[j - lo] = j - j / params_.group_size;
+    const std::vector<int32_t> delta = ring_refill_rotation(lo, hi, params_.group_size);
     ggml_backend_tensor_set(pos, delta.data(), 0, delta.size() * sizeof(int32_t));
     const ggml_status status = ggml_backend_graph_compute(backend_.get(), gf);
     ggml_free(ctx);
@@ -177,7 +157,7 @@ void engine::refill_ring(int32_t lo, int32_t hi) {
 }
 
 void engine::set_n_threads(int32_t n_threads) {
-    if (n_threads < 1 || n_threads > 512) throw std::invalid_argument("n_threads must be in [1, 512]");
+    check_thread_count(n_threads);
     params_.n_threads = n_threads;
     threads_now_ = n_threads;
     ggml_backend_cpu_set_n_threads(backend_.get(), n_threads);

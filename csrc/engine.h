@@ -34,7 +34,6 @@ struct engine_params {
 };
 
 // Longest sequence SelfExtend with (G, W) keeps within the trained context L: (L - W) * G + W.
-int64_t selfextend_usable_length(int32_t n_ctx_train, int32_t group_size, int32_t window);
 
 // Called after each batch with (tokens done, tokens total); returning false stops the eval.
 using progress_fn = std::function<bool(int64_t, int64_t)>;

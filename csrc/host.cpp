@@ -1,5 +1,8 @@
 #include "host.h"
 
+#include <stdexcept>
+#include <string>
+
 #include <algorithm>
 #include <cstdio>
 #include <cstring>
@@ -102,6 +105,12 @@ int32_t threads_that_can_run(int32_t n_threads) {
 #else
     return n_threads;
 #endif
+}
+
+void check_thread_count(int64_t n_threads) {
+    if (n_threads < 1 || n_threads > 512) {
+        throw std::invalid_argument("n_threads must be in [1, 512], got " + std::to_string(n_threads));
+    }
 }
 
 }  // namespace pse

@@ -30,4 +30,7 @@ void require_memory(size_t bytes, const std::string & what);
 // 20-35x slower than one. Elsewhere n_threads.
 int32_t threads_that_can_run(int32_t n_threads);
 
+// The compute thread counts this package accepts, 1 to 512: throws std::invalid_argument otherwise.
+void check_thread_count(int64_t n_threads);
+
 }  // namespace pse

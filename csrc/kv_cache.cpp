@@ -9,8 +9,14 @@ kv_cache::~kv_cache() {
     if (ctx) ggml_free(ctx);
 }
 
+ggml_type kv_cache::type_from_name(const std::string & name) {
+    if (name == "f16") return GGML_TYPE_F16;
+    if (name == "f32") return GGML_TYPE_F32;
+    throw std::invalid_argument("cache_type must be 'f16' or 'f32', got '" + name + "'");
+}
+
 void kv_cache::init(const llama_hparams & hp, int32_t n_ctx_, ggml_type type_, int32_t ring_size_) {
-    if (type_ != GGML_TYPE_F16 && type_ != GGML_TYPE_F32) throw std::invalid_argument("KV cache type must be f16 or f32");
+    type_from_name(ggml_type_name(type_));  // the same rule for a type given as ggml's
     type = type_;
     n_ctx = n_ctx_;
     n_past = 0;

@@ -3,6 +3,8 @@
 
 #include "gguf_model.h"
 
+#include <string>
+
 namespace pse {
 
 struct kv_cache {
@@ -27,6 +29,8 @@ struct kv_cache {
     // Describes the cache for n_ctx tokens; nothing is allocated yet, so that its size can be
     // checked against the machine's memory first.
     void init(const llama_hparams & hp, int32_t n_ctx, ggml_type type, int32_t ring_size = 0);
+    // The cache types this package runs, by name ("f16", "f32"); throws std::invalid_argument.
+    static ggml_type type_from_name(const std::string & name);
     size_t bytes_needed(ggml_backend_t backend) const;
     // Allocates the storage on the backend; zero() clears it (touching every page).
     void allocate(ggml_backend_t backend);

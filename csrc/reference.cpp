@@ -14,7 +14,8 @@ namespace pse {
 reference_model::reference_model(const std::string & path, int32_t n_ctx, int32_t n_batch, int32_t n_threads,
                                  bool flash_attn, int32_t grp_attn_n, bool repack)
     : n_ctx_(n_ctx), n_batch_(n_batch), grp_n_(grp_attn_n) {
-    if (n_ctx < 1 || n_batch < 1 || n_threads < 1) throw std::invalid_argument("n_ctx, n_batch and n_threads must be >= 1");
+    if (n_ctx < 1 || n_batch < 1) throw std::invalid_argument("n_ctx and n_batch must be >= 1");
+    check_thread_count(n_threads);
     if (grp_attn_n < 1 || n_batch % grp_attn_n != 0) {
         throw std::invalid_argument("grp_attn_n must be >= 1 and divide n_batch (" + std::to_string(n_batch) + ")");
     }
@@ -169,7 +170,7 @@ void quantize_model(const std::string & src, const std::string & dst, const std:
         for (const std::string & n : quantize_types()) names += (names.empty() ? "" : ", ") + n;
         throw std::invalid_argument("unknown weight type '" + type + "' (known: " + names + ")");
     }
-    if (n_threads < 1) throw std::invalid_argument("n_threads must be >= 1");
+    check_thread_count(n_threads);
     load_gguf_model(src);  // libllama asserts on some corrupt files: validate the source first
     llama_backend_init();
     llama_model_quantize_params params = llama_model_quantize_default_params();

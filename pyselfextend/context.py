@@ -2,12 +2,15 @@
 
 See ``shared/SELFEXTEND.md``: with trained context L, SelfExtend reaches ``(L - W) * G + W``
 tokens. Given a target T the default is W = L/4 (rounded down to a multiple of G) and the smallest
-G that reaches T; G and W may also be given, and are then checked.
+G that reaches T; G and W may also be given, and are then checked. The rules themselves (the
+reach, the ranges of G and W) are the engine's (csrc/attention.cpp), asked here.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
 from typing import Optional
+
+from . import _engine
 
 
 @dataclass(frozen=True)
@@ -45,7 +48,7 @@ class ContextPlan:
 
 def usable_length(n_ctx_train: int, group_size: int, window: int) -> int:
     """``(L - W) * G + W``: the longest sequence SelfExtend with (G, W) keeps within L."""
-    return (n_ctx_train - window) * group_size + window
+    return int(_engine.selfextend_usable_length(n_ctx_train, group_size, window))
 
 
 def _check_int(name: str, value: object) -> int:
@@ -79,10 +82,9 @@ def plan_context(n_ctx: int, n_ctx_train: int, group_size: Optional[int] = None,
         if group_size is not None or window is not None:
             raise ValueError("group_size/window cannot be combined with selfextend=False")
         return ContextPlan(n_ctx, L, 1, 0, False)
-    if group_size is not None and _check_int("group_size", group_size) < 1:
-        raise ValueError(f"group_size must be >= 1, got {group_size}")
-    if window is not None and not 1 <= _check_int("window", window) < L:
-        raise ValueError(f"window must be in [1, {L - 1}] (below the trained context {L}), got {window}")
+    # The given values alone first (the defaults below divide by L - W); n_ctx=0: no reach yet.
+    _engine.check_selfextend(0, L, 1 if group_size is None else _check_int("group_size", group_size),
+                             0 if window is None else _check_int("window", window))
 
     if group_size is None:
         if window is None and n_ctx <= L:
@@ -106,8 +108,5 @@ def plan_context(n_ctx: int, n_ctx_train: int, group_size: Optional[int] = None,
         if n_ctx > L:
             raise ValueError(f"group_size=1 cannot reach n_ctx={n_ctx}: the trained context is {L}")
         return ContextPlan(n_ctx, L, 1, 0, True)
-    reach = usable_length(L, group_size, window)
-    if reach < n_ctx:
-        raise ValueError(f"SelfExtend with group_size={group_size}, window={window} reaches (L - W) * G + W = "
-                         f"{reach} tokens (L={L}), less than n_ctx={n_ctx}; raise group_size or lower window")
+    _engine.check_selfextend(n_ctx, L, group_size, window)
     return ContextPlan(n_ctx, L, group_size, window, True)
