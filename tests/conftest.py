@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import signal
 import sys
 from pathlib import Path
 
@@ -10,6 +11,13 @@ sys.path.insert(0, str(Path(__file__).parent))
 from tiny_gguf import TinySpec, write_tiny_model  # noqa: E402
 
 from pyselfextend import models  # noqa: E402
+
+
+def default_sigint() -> None:
+    """preexec_fn for children a test interrupts: Ctrl-C as in a terminal. A test run started in
+    the background (`cmd &` in a script, nohup) passes on SIGINT ignored, and Python then never
+    raises KeyboardInterrupt."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
 
 
 @pytest.fixture(scope="session")

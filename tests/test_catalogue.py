@@ -18,6 +18,7 @@ import zipfile
 from pathlib import Path
 
 import pytest
+from conftest import default_sigint
 
 from pyselfextend import models
 
@@ -220,7 +221,7 @@ def test_an_interrupted_pull_leaves_nothing_and_stops_pip(env):
     try:
         url = f"http://127.0.0.1:{server.server_address[1]}/"
         proc = subprocess.Popen([sys.executable, "-m", "pyselfextend", "pull", "three"], stdout=subprocess.PIPE,
-                                stderr=subprocess.PIPE, text=True,
+                                stderr=subprocess.PIPE, text=True, preexec_fn=default_sigint,
                                 env={**os.environ, **env["vars"], "PIP_FIND_LINKS": url, "PIP_DEFAULT_TIMEOUT": "60"})
         try:
             assert stalled.wait(120), "pip never asked for part 3"

@@ -7,6 +7,7 @@ import subprocess
 import sys
 
 import pytest
+from conftest import default_sigint
 
 from pyselfextend import LocalModel
 from pyselfextend.cli import parse_size
@@ -83,7 +84,7 @@ def test_ctrl_c_during_prefill_stops_cleanly(smollm_path, tmp_path):
     f.write_text("The grass is green. The sky is blue. " * 700)  # about 6,000 tokens: many batches of 64
     proc = subprocess.Popen([sys.executable, "-m", "pyselfextend", "generate", "-m", str(smollm_path), "-f", str(f),
                              "--ctx", "8k", "--batch", "64", "-n", "4", "-t", "2"],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, preexec_fn=default_sigint)
     time.sleep(4)
     assert proc.poll() is None, "prefill finished before it could be interrupted"
     t = time.monotonic()

@@ -7,6 +7,7 @@ import subprocess
 import sys
 
 import pytest
+from conftest import default_sigint
 
 from pyselfextend import CorruptState, LocalModel, StateMismatch
 
@@ -170,7 +171,7 @@ def test_interactive_chat_in_a_terminal(smollm_path, tmp_path):
     doc.write_text(DOC)
     child = pexpect.spawn(sys.executable, ["-m", "pyselfextend", "chat", "-m", str(smollm_path), "--file", str(doc),
                                            "--ctx", "4k", "--max-tokens", "160", "--temperature", "0", "--threads", "2"],
-                          encoding="utf-8", timeout=240, dimensions=(40, 200))
+                          encoding="utf-8", timeout=240, dimensions=(40, 200), preexec_fn=default_sigint)
     try:
         child.expect(r"room left for the conversation: [\d,]+ tokens")
         child.expect("> ")
