@@ -151,10 +151,11 @@ def pulled_state(name: Optional[str] = None) -> str:
     """``"pulled"``, ``"missing"`` or ``"wrong size"`` for the named (or default) model's file.
 
     Sizes only, so that it is quick; ``pull`` checks the sha256 as well."""
-    path = model_path(name)
+    entry = _lookup(name)
+    path = models_dir() / entry.file
     if not path.exists():
         return "missing"
-    return "pulled" if path.stat().st_size == _lookup(name).size else "wrong size"
+    return "pulled" if path.stat().st_size == entry.size else "wrong size"
 
 
 def sha256_of(path: Path, chunk: int = 1 << 20) -> str:
@@ -175,7 +176,7 @@ def resolve_model(model: Optional[str]) -> Path:
     """
     entries, default = _load()
     if model is None or model in entries:
-        path = model_path(model)
+        path = models_dir() / entries[model or default].file
         if not path.exists():
             name = model or default
             raise FileNotFoundError(

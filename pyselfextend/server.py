@@ -124,14 +124,17 @@ class Worker:
     def waiting(self) -> int:
         """Requests waiting whose clients still want an answer."""
         with self._lock:
-            return sum(1 for job in self._waiting if not job.cancelled.is_set())
+            return self._live_waiting()
+
+    def _live_waiting(self) -> int:  # under self._lock
+        return sum(1 for job in self._waiting if not job.cancelled.is_set())
 
     def submit(self, job: Job) -> None:
         """Queues ``job``; 503 when the server is shutting down or the queue is full."""
         with self._lock:
             if self.stopping:
                 raise APIError(503, "the server is shutting down", type="server_error", code="shutting_down")
-            waiting = sum(1 for j in self._waiting if not j.cancelled.is_set())
+            waiting = self._live_waiting()
             if waiting >= self.max_waiting:
                 raise APIError(503, f"the server is busy: {waiting} requests are already waiting (at most "
                                     f"{self.max_waiting}); retry in a few seconds", type="server_error",
