@@ -37,6 +37,22 @@ int32_t selfextend_ring_size(int32_t group_size, int32_t window, attention_path 
     return (int32_t) ring;
 }
 
+std::vector<int64_t> ring_rows(int32_t lo, int32_t n, int32_t ring_size) {
+    std::vector<int64_t> rows(n);
+    for (int32_t i = 0; i < n; ++i) rows[i] = (lo + i) % ring_size;
+    return rows;
+}
+
+int32_t attention_graph_n_kv(const attention_config & cfg, int32_t n_past, int32_t n_tokens) {
+    const int32_t n_kv = n_past + n_tokens;
+    if (cfg.group_size > 1 && cfg.path == attention_path::portable) return n_kv;
+    return std::min<int32_t>(cfg.n_ctx, GGML_PAD(n_kv, 256));
+}
+
+bool attention_batch_fits(const attention_batch & b, int32_t n_past, int32_t n_tokens) {
+    return n_tokens == b.n_tokens && attention_graph_n_kv(b.cfg, n_past, n_tokens) == b.n_kv;
+}
+
 std::vector<int32_t> ring_refill_rotation(int32_t lo, int32_t hi, int32_t group_size) {
     std::vector<int32_t> delta(hi - lo);
     for (int32_t j = lo; j < hi; ++j) delta[j - lo] = j - j / group_size;
@@ -52,8 +68,9 @@ ggml_tensor * new_input(ggml_context * ctx, ggml_type type, int64_t ne0, int64_t
     return t;
 }
 
-void set_i32(ggml_tensor * t, const std::vector<int32_t> & v) {
-    ggml_backend_tensor_set(t, v.data(), 0, v.size() * sizeof(int32_t));
+template <typename T>
+void set_input(ggml_tensor * t, const std::vector<T> & v) {
+    ggml_backend_tensor_set(t, v.data(), 0, v.size() * sizeof(T));
 }
 
 ggml_tensor * rope(ggml_context * ctx, ggml_tensor * x, ggml_tensor * pos, const rope_params & r) {
@@ -61,28 +78,17 @@ ggml_tensor * rope(ggml_context * ctx, ggml_tensor * x, ggml_tensor * pos, const
                          r.ext_factor, r.attn_factor, r.beta_fast, r.beta_slow);
 }
 
-// Copies rows [0, n) of src ([n_embd_kv, n]) to ring rows pos0 % size .. (two pieces if it wraps).
-void write_ring(ggml_context * ctx, ggml_cgraph * gf, ggml_tensor * ring, ggml_tensor * src, int32_t pos0, int32_t n) {
-    const int32_t size = (int32_t) ring->ne[1];
-    for (int32_t done = 0; done < n;) {
-        const int32_t slot = (pos0 + done) % size, len = std::min(n - done, size - slot);
-        ggml_tensor * from = ggml_view_2d(ctx, src, src->ne[0], len, src->nb[1], (size_t) done * src->nb[1]);
-        ggml_tensor * to = ggml_view_2d(ctx, ring, ring->ne[0], len, ring->nb[1], (size_t) slot * ring->nb[1]);
-        ggml_build_forward_expand(gf, ggml_cpy(ctx, from, to));
-        done += len;
-    }
-}
-
 }  // namespace
 
 void build_ring_refill(ggml_context * ctx, ggml_cgraph * gf, kv_cache & cache, int il, int32_t lo, int32_t hi,
-                       ggml_tensor * pos_delta, const rope_params & rope_p, int32_t head_dim) {
+                       ggml_tensor * pos_delta, ggml_tensor * rows_in, const rope_params & rope_p, int32_t head_dim) {
     ggml_tensor * ck = cache.k[il];
     const int64_t n_head_kv = cache.n_embd_kv / head_dim;
     ggml_tensor * rows = ggml_view_3d(ctx, ck, head_dim, n_head_kv, hi - lo, ggml_row_size(ck->type, head_dim),
                                       ck->nb[1], (size_t) lo * ck->nb[1]);
     ggml_tensor * own = rope(ctx, rows, pos_delta, rope_p);
-    write_ring(ctx, gf, cache.k_ring[il], ggml_reshape_2d(ctx, own, cache.n_embd_kv, hi - lo), lo, hi - lo);
+    ggml_build_forward_expand(gf, ggml_set_rows(ctx, cache.k_ring[il], ggml_reshape_2d(ctx, own, cache.n_embd_kv, hi - lo),
+                                                rows_in));
 }
 
 void make_attention_batch(attention_batch & b, ggml_context * ctx, const attention_config & cfg,
@@ -90,10 +96,12 @@ void make_attention_batch(attention_batch & b, ggml_context * ctx, const attenti
     b.cfg = cfg;
     b.n_past = n_past;
     b.n_tokens = n_tokens;
+    b.n_kv = attention_graph_n_kv(cfg, n_past, n_tokens);
     b.n_head_kv = n_head_kv;
     b.pos = new_input(ctx, GGML_TYPE_I32, n_tokens, 0, "inp_pos");
+    b.rows = new_input(ctx, GGML_TYPE_I64, n_tokens, 0, "inp_cache_rows");
     const bool need_mask = !b.selfextend() || cfg.path == attention_path::portable;
-    b.mask = need_mask ? new_input(ctx, GGML_TYPE_F16, b.n_kv(), n_tokens, "inp_kq_mask") : nullptr;
+    b.mask = need_mask ? new_input(ctx, GGML_TYPE_F16, b.n_kv, n_tokens, "inp_kq_mask") : nullptr;
     if (!b.selfextend()) return;
 
     const int32_t W = cfg.window;
@@ -104,18 +112,24 @@ void make_attention_batch(attention_batch & b, ggml_context * ctx, const attenti
     b.se.nb_lo = std::max(0, n_past - W + 1);
     b.se.ring_size = cfg.path == attention_path::fused ? cfg.ring_size : 0;
     b.se.n_chunks = cfg.path == attention_path::fused
-                        ? selfextend_choose_chunks(n_tokens, n_head_kv, b.n_kv(), cfg.n_threads) : 1;
+                        ? selfextend_choose_chunks(n_tokens, n_head_kv, b.n_kv, cfg.n_threads) : 1;
     b.pos_key = new_input(ctx, GGML_TYPE_I32, n_tokens, 0, "inp_pos_key");
     b.pos_query_grp = new_input(ctx, GGML_TYPE_I32, n_tokens, 0, "inp_pos_query_grp");
-    if (b.se.ring_size == 0) b.pos_neighbor = new_input(ctx, GGML_TYPE_I32, b.n_kv() - b.se.nb_lo, 0, "inp_pos_neighbor");
-    if (cfg.path == attention_path::portable) b.select = new_input(ctx, GGML_TYPE_F32, b.n_kv(), n_tokens, "inp_select");
+    if (b.se.ring_size > 0) b.ring_rows = new_input(ctx, GGML_TYPE_I64, n_tokens, 0, "inp_ring_rows");
+    else b.pos_neighbor = new_input(ctx, GGML_TYPE_I32, b.n_kv - b.se.nb_lo, 0, "inp_pos_neighbor");
+    if (cfg.path == attention_path::portable) b.select = new_input(ctx, GGML_TYPE_F32, b.n_kv, n_tokens, "inp_select");
 }
 
-void set_attention_batch_inputs(const attention_batch & b) {
-    const int32_t T = b.n_tokens, n_kv = b.n_kv(), G = b.cfg.group_size, W = b.cfg.window;
+void set_attention_batch_inputs(attention_batch & b, int32_t n_past) {
+    // The graph may have been built for an earlier position: what depends on it is set here.
+    b.n_past = b.se.n_past = n_past;
+    b.se.nb_lo = std::max(0, n_past - b.cfg.window + 1);
+    const int32_t T = b.n_tokens, n_kv = b.n_kv, G = b.cfg.group_size, W = b.cfg.window;
     std::vector<int32_t> pos(T);
-    for (int32_t t = 0; t < T; ++t) pos[t] = b.n_past + t;
-    set_i32(b.pos, pos);
+    std::vector<int64_t> rows(T);
+    for (int32_t t = 0; t < T; ++t) pos[t] = rows[t] = b.n_past + t;
+    set_input(b.pos, pos);
+    set_input(b.rows, rows);
 
     if (b.mask) {
         // Causal: query n_past+t sees keys 0 .. n_past+t.
@@ -135,12 +149,13 @@ void set_attention_batch_inputs(const attention_batch & b) {
         key[t] = i / G;
         query_grp[t] = i / G + W - W / G;
     }
-    set_i32(b.pos_key, key);
-    set_i32(b.pos_query_grp, query_grp);
+    set_input(b.pos_key, key);
+    set_input(b.pos_query_grp, query_grp);
+    if (b.ring_rows) set_input(b.ring_rows, ring_rows(b.n_past, T, b.se.ring_size));
     if (b.pos_neighbor) {
         std::vector<int32_t> neighbor(n_kv - b.se.nb_lo);
         for (int32_t j = b.se.nb_lo; j < n_kv; ++j) neighbor[j - b.se.nb_lo] = j - j / G;
-        set_i32(b.pos_neighbor, neighbor);
+        set_input(b.pos_neighbor, neighbor);
     }
 
     if (b.select) {
@@ -193,20 +208,19 @@ ggml_tensor * build_attention(ggml_context * ctx, ggml_cgraph * gf, kv_cache & c
                               const attention_batch & b, const rope_params & rope_p,
                               ggml_tensor * q, ggml_tensor * k, ggml_tensor * v, float kq_scale) {
     const int64_t head_dim = q->ne[0], n_head = q->ne[1], n_head_kv = k->ne[1];
-    const int32_t n_tokens = b.n_tokens, n_kv = b.n_kv();
+    const int32_t n_tokens = b.n_tokens, n_kv = b.n_kv;
     const bool se = b.selfextend();
 
     // New keys are cached at their own position (ordinary) or at their grouped one (SelfExtend).
     ggml_tensor * k_own = k;  // not yet rotated
     k = rope(ctx, k, se ? b.pos_key : b.pos, rope_p);
 
-    // Append this batch's rows to the cache; the copies are expanded first so that they run
-    // before the attention below reads the cache.
+    // Append this batch's rows to the cache (at rows given as an input, so that the graph does not
+    // depend on the position); expanded first, so that they run before the attention below reads
+    // the cache.
     ggml_tensor * ck = cache.k[il], * cv = cache.v[il];
-    ggml_tensor * k_dst = ggml_view_2d(ctx, ck, cache.n_embd_kv, n_tokens, ck->nb[1], (size_t) b.n_past * ck->nb[1]);
-    ggml_tensor * v_dst = ggml_view_2d(ctx, cv, cache.n_embd_kv, n_tokens, cv->nb[1], (size_t) b.n_past * cv->nb[1]);
-    ggml_build_forward_expand(gf, ggml_cpy(ctx, ggml_reshape_2d(ctx, k, cache.n_embd_kv, n_tokens), k_dst));
-    ggml_build_forward_expand(gf, ggml_cpy(ctx, v, v_dst));
+    ggml_build_forward_expand(gf, ggml_set_rows(ctx, ck, ggml_reshape_2d(ctx, k, cache.n_embd_kv, n_tokens), b.rows));
+    ggml_build_forward_expand(gf, ggml_set_rows(ctx, cv, v, b.rows));
 
     const size_t row_head = ggml_row_size(ck->type, head_dim);
     ggml_tensor * kk = ggml_view_3d(ctx, ck, head_dim, n_head_kv, n_kv, row_head, ck->nb[1], 0);  // [D, n_head_kv, n_kv]
@@ -222,8 +236,8 @@ ggml_tensor * build_attention(ggml_context * ctx, ggml_cgraph * gf, kv_cache & c
         if (b.se.ring_size > 0) {
             // Neighbor keys from the ring, where each key is written once, rotated to its own position.
             ggml_tensor * ring = cache.k_ring[il];
-            write_ring(ctx, gf, ring, ggml_reshape_2d(ctx, rope(ctx, k_own, b.pos, rope_p), cache.n_embd_kv, n_tokens),
-                       b.n_past, n_tokens);
+            ggml_tensor * own = ggml_reshape_2d(ctx, rope(ctx, k_own, b.pos, rope_p), cache.n_embd_kv, n_tokens);
+            ggml_build_forward_expand(gf, ggml_set_rows(ctx, ring, own, b.ring_rows));
             k_nb = ggml_view_3d(ctx, ring, head_dim, n_head_kv, ring->ne[1], row_head, ring->nb[1], 0);
         } else {
             // Neighbor keys: cached rows nb_lo.. rotated on from floor(j/G) to j (RoPE composes).

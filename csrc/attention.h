@@ -41,27 +41,39 @@ struct attention_config {
     int32_t n_threads = 1;   // to size the fused kernel's work split
     float kq_scale = 1.0f;   // 1/sqrt(D)
     int32_t ring_size = 0;   // the cache's neighbor-key ring (fused path), 0 if none
+    int32_t n_ctx = 0;       // the cache's capacity in tokens
 };
 
 // Inputs shared by every layer of one batch; create with make_attention_batch() while building
-// the graph, and fill with set_attention_batch_inputs() once the graph is allocated.
+// the graph, and fill with set_attention_batch_inputs() once the graph is allocated. A graph whose
+// batch fits (attention_batch_fits) serves again for a later position: only its inputs change.
 struct attention_batch {
     attention_config cfg;
     int32_t n_past = 0;      // tokens already in the cache
     int32_t n_tokens = 0;    // tokens in this batch
+    int32_t n_kv = 0;        // cache rows the graph's attention spans (attention_graph_n_kv)
     int32_t n_head_kv = 0;
     ggml_tensor * pos = nullptr;     // I32 [n_tokens]: absolute positions n_past ..
+    ggml_tensor * rows = nullptr;    // I64 [n_tokens]: the cache rows this batch's K and V go to
     ggml_tensor * mask = nullptr;    // F16 [n_kv, n_tokens]: 0 where key j is visible, -inf elsewhere
     // SelfExtend only:
     ggml_tensor * pos_key = nullptr;        // I32 [n_tokens]: floor(i/G), where new keys are cached
     ggml_tensor * pos_query_grp = nullptr;  // I32 [n_tokens]: floor(i/G) + W - floor(W/G)
     ggml_tensor * pos_neighbor = nullptr;   // I32 [n_kv - nb_lo]: j - floor(j/G), rotation to neighbor keys
+    ggml_tensor * ring_rows = nullptr;      // I64 [n_tokens], fused path: the ring rows of the new neighbor keys
     ggml_tensor * select = nullptr;         // F32 [n_kv, n_tokens], portable path: 1 = neighbor score
     selfextend_op_params se;                // fused kernel parameters (lives as long as the batch)
 
     bool selfextend() const { return cfg.group_size > 1; }
-    int32_t n_kv() const { return n_past + n_tokens; }
 };
+
+// The cache rows a batch's attention spans: n_past + n_tokens rounded up to a multiple of 256 (at
+// most n_ctx), so that one graph serves 256 decoding steps; the mask, or the fused kernel's own
+// causal bound, leaves the rows past n_past + t out. Exact on the portable SelfExtend path, whose
+// neighbor inputs are sized by the position.
+int32_t attention_graph_n_kv(const attention_config & cfg, int32_t n_past, int32_t n_tokens);
+// Whether a graph built for `batch` can compute n_tokens tokens after n_past.
+bool attention_batch_fits(const attention_batch & batch, int32_t n_past, int32_t n_tokens);
 
 // SelfExtend's rules, owned here and asked by the engine, the bindings and (through them) Python.
 // (L - W) * G + W: the longest sequence SelfExtend with (G, W) keeps within the trained context L.
@@ -75,14 +87,19 @@ int32_t selfextend_ring_size(int32_t group_size, int32_t window, attention_path 
 // The rotation that takes cached (grouped) keys j in [lo, hi) to their own position: j - floor(j/G).
 std::vector<int32_t> ring_refill_rotation(int32_t lo, int32_t hi, int32_t group_size);
 
+// The ring rows of positions lo .. lo + n - 1: j % ring_size.
+std::vector<int64_t> ring_rows(int32_t lo, int32_t n, int32_t ring_size);
+
 void make_attention_batch(attention_batch & batch, ggml_context * ctx, const attention_config & cfg,
                           int32_t n_head_kv, int32_t n_past, int32_t n_tokens);
-void set_attention_batch_inputs(const attention_batch & batch);
+// Fills the inputs for a batch after n_past tokens (which attention_batch_fits).
+void set_attention_batch_inputs(attention_batch & batch, int32_t n_past);
 
 // Recomputes neighbor-ring rows [lo, hi) from the grouped keys in the cache (after a truncation
-// the ring may hold keys of positions that are gone). pos_delta: I32 [hi - lo], j - floor(j/G).
+// the ring may hold keys of positions that are gone). pos_delta: I32 [hi - lo], j - floor(j/G);
+// rows: I64 [hi - lo], ring_rows(lo, hi - lo, ring_size).
 void build_ring_refill(ggml_context * ctx, ggml_cgraph * gf, kv_cache & cache, int il, int32_t lo, int32_t hi,
-                       ggml_tensor * pos_delta, const rope_params & rope_p, int32_t head_dim);
+                       ggml_tensor * pos_delta, ggml_tensor * rows, const rope_params & rope_p, int32_t head_dim);
 
 // q: [D, n_head, n_tokens], k: [D, n_head_kv, n_tokens], v: [D * n_head_kv, n_tokens], all F32 and
 // not yet rotated. Returns [D * n_head, n_tokens].

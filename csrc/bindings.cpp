@@ -122,6 +122,7 @@ py::array_t<float> attention_probe(py::array_t<float, py::array::c_style | py::a
         cfg.n_threads = n_threads;
         cfg.kq_scale = 1.0f / std::sqrt((float) D);
         cfg.ring_size = cache.ring_size;
+        cfg.n_ctx = n;
         for (int32_t done = 0; done < n;) {
             // The last decode_tail tokens go one at a time, as in generation.
             const int32_t T = done >= n - decode_tail ? 1 : std::min(n_batch, n - decode_tail - done);
@@ -141,7 +142,7 @@ py::array_t<float> attention_probe(py::array_t<float, py::array::c_style | py::a
             ggml_backend_tensor_set(tq, q.data() + (size_t) done * n_head * D, 0, ggml_nbytes(tq));
             ggml_backend_tensor_set(tk, k.data() + (size_t) done * n_head_kv * D, 0, ggml_nbytes(tk));
             ggml_backend_tensor_set(tv, v.data() + (size_t) done * n_head_kv * D, 0, ggml_nbytes(tv));
-            set_attention_batch_inputs(batch);
+            set_attention_batch_inputs(batch, done);
             ggml_backend_graph_compute(backend, gf);
             ggml_backend_tensor_get(out, result.data() + (size_t) done * n_head * D, 0, ggml_nbytes(out));
             ggml_free(ctx);
@@ -191,7 +192,7 @@ PYBIND11_MODULE(_engine, m) {
     py::class_<engine>(m, "Engine", "A model with its KV cache and CPU compute threads.")
         .def(py::init([](std::shared_ptr<gguf_model> model, int64_t n_ctx, int64_t n_batch, int64_t n_threads,
                          const std::string & cache_type, int64_t group_size, int64_t window, const std::string & path,
-                         const std::string & rope_scaling, float rope_factor, bool adaptive_threads) {
+                         const std::string & rope_scaling, float rope_factor, bool adaptive_threads, bool reuse_graphs) {
                  engine_params p;
                  using rs = engine_params::rope_scaling;
                  if (rope_scaling != "none" && rope_scaling != "linear" && rope_scaling != "yarn") {
@@ -211,11 +212,13 @@ PYBIND11_MODULE(_engine, m) {
                  p.n_threads = narrow("n_threads", n_threads);
                  p.cache_type = kv_cache::type_from_name(cache_type);
                  p.adaptive_threads = adaptive_threads;
+                 p.reuse_graphs = reuse_graphs;
                  return new engine(std::move(model), p);
              }),
              py::arg("model"), py::arg("n_ctx"), py::arg("n_batch"), py::arg("n_threads"), py::arg("cache_type") = "f16",
              py::arg("group_size") = 1, py::arg("window") = 0, py::arg("attention_path") = "auto",
-             py::arg("rope_scaling") = "none", py::arg("rope_factor") = 1.0f, py::arg("adaptive_threads") = true)
+             py::arg("rope_scaling") = "none", py::arg("rope_factor") = 1.0f, py::arg("adaptive_threads") = true,
+             py::arg("reuse_graphs") = true)
         .def("eval",
              [](engine & e, py::object tokens, bool all_logits, py::object progress) {
                  std::vector<int32_t> ids = to_tokens(tokens);

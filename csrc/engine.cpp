@@ -84,6 +84,7 @@ attention_config engine::attention_cfg() const {
     attn.path = path_;
     attn.n_threads = params_.n_threads;
     attn.ring_size = ring_size_;
+    attn.n_ctx = params_.n_ctx;
     return attn;
 }
 
@@ -138,19 +139,26 @@ void engine::write_state(int32_t n, const uint8_t * src, size_t size) {
 }
 
 void engine::refill_ring(int32_t lo, int32_t hi) {
+    drop_graph();  // its descriptors and buffers are about to be reused
     ggml_init_params ip = {graph_meta_.size(), graph_meta_.data(), /*no_alloc =*/ true};
     ggml_context * ctx = ggml_init(ip);
     ggml_cgraph * gf = ggml_new_graph_custom(ctx, llama_graph_max_nodes(*model_), false);
     ggml_tensor * pos = ggml_new_tensor_1d(ctx, GGML_TYPE_I32, hi - lo);
+    ggml_tensor * rows = ggml_new_tensor_1d(ctx, GGML_TYPE_I64, hi - lo);
     ggml_set_input(pos);
+    ggml_set_input(rows);
     const rope_params rope = make_rope_params(*model_, &rope_override_);
-    for (int il = 0; il < model_->hp.n_layer; ++il) build_ring_refill(ctx, gf, cache_, il, lo, hi, pos, rope, model_->hp.head_dim);
+    for (int il = 0; il < model_->hp.n_layer; ++il) {
+        build_ring_refill(ctx, gf, cache_, il, lo, hi, pos, rows, rope, model_->hp.head_dim);
+    }
     if (!ggml_gallocr_alloc_graph(galloc_.get(), gf)) {
         ggml_free(ctx);
         throw std::runtime_error("cannot allocate the ring refill graph");
     }
     const std::vector<int32_t> delta = ring_refill_rotation(lo, hi, params_.group_size);
     ggml_backend_tensor_set(pos, delta.data(), 0, delta.size() * sizeof(int32_t));
+    const std::vector<int64_t> ring = ring_rows(lo, hi - lo, ring_size_);
+    ggml_backend_tensor_set(rows, ring.data(), 0, ring.size() * sizeof(int64_t));
     const ggml_status status = ggml_backend_graph_compute(backend_.get(), gf);
     ggml_free(ctx);
     if (status != GGML_STATUS_SUCCESS) throw std::runtime_error("ring refill failed");
@@ -178,38 +186,48 @@ void engine::adapt_threads() {
 
 void engine::eval_batch(const int32_t * tokens, int32_t n_tokens, int32_t n_outputs, float * logits_out,
                         const std::vector<std::string> * capture_names, std::vector<std::vector<float>> * captured) {
-    ggml_init_params ip = {graph_meta_.size(), graph_meta_.data(), /*no_alloc =*/ true};
-    ggml_context * ctx = ggml_init(ip);
-    llama_graph_inputs in;
-    ggml_cgraph * gf = build_llama_graph(ctx, *model_, cache_, attention_cfg(), rope_override_, cache_.n_past, n_tokens,
-                                         n_outputs, in);
+    const int32_t n_past = cache_.n_past;
     std::vector<ggml_tensor *> copies;
-    for (const std::string & name : capture_names ? *capture_names : std::vector<std::string>()) {
-        ggml_tensor * t = ggml_graph_get_tensor(gf, name.c_str());
-        if (!t || t->type != GGML_TYPE_F32) {
-            ggml_free(ctx);
-            throw std::invalid_argument("capture: no float tensor '" + name + "' in the graph");
+    // A capture graph gets an allocator of its own (the shared one would reuse the last graph's
+    // plan for a graph of the same shape, in which the captured tensors' memory was reused early)
+    // and is not kept.
+    ggml_gallocr_ptr own_alloc;
+    const bool reuse = params_.reuse_graphs && graph_ && !capture_names && graph_n_outputs_ == n_outputs &&
+                       attention_batch_fits(graph_in_.attn, n_past, n_tokens);
+    if (!reuse) {
+        drop_graph();
+        ggml_init_params ip = {graph_meta_.size(), graph_meta_.data(), /*no_alloc =*/ true};
+        graph_ctx_.reset(ggml_init(ip));
+        ggml_context * ctx = graph_ctx_.get();
+        ggml_cgraph * gf = build_llama_graph(ctx, *model_, cache_, attention_cfg(), rope_override_, n_past, n_tokens,
+                                             n_outputs, graph_in_);
+        for (const std::string & name : capture_names ? *capture_names : std::vector<std::string>()) {
+            ggml_tensor * t = ggml_graph_get_tensor(gf, name.c_str());
+            if (!t || t->type != GGML_TYPE_F32) {
+                drop_graph();
+                throw std::invalid_argument("capture: no float tensor '" + name + "' in the graph");
+            }
+            ggml_tensor * copy = ggml_cont(ctx, t);  // an output of its own: never overwritten
+            ggml_set_output(copy);
+            ggml_build_forward_expand(gf, copy);
+            copies.push_back(copy);
         }
-        ggml_tensor * copy = ggml_cont(ctx, t);  // an output of its own: never overwritten
-        ggml_set_output(copy);
-        ggml_build_forward_expand(gf, copy);
-        copies.push_back(copy);
+        if (capture_names) own_alloc.reset(ggml_gallocr_new(ggml_backend_get_default_buffer_type(backend_.get())));
+        if (!ggml_gallocr_alloc_graph(own_alloc ? own_alloc.get() : galloc_.get(), gf)) {
+            drop_graph();
+            throw std::runtime_error("cannot allocate compute buffers for a batch of " + std::to_string(n_tokens));
+        }
+        graph_ = gf;
+        graph_n_outputs_ = n_outputs;
     }
-    // A capture graph gets an allocator of its own: the shared one would reuse the last graph's
-    // plan for a graph of the same shape, in which the captured tensors' memory was reused early.
-    ggml_gallocr_ptr own_alloc(copies.empty() ? nullptr
-                                              : ggml_gallocr_new(ggml_backend_get_default_buffer_type(backend_.get())));
-    if (!ggml_gallocr_alloc_graph(own_alloc ? own_alloc.get() : galloc_.get(), gf)) {
-        ggml_free(ctx);
-        throw std::runtime_error("cannot allocate compute buffers for a batch of " + std::to_string(n_tokens));
-    }
+    const llama_graph_inputs & in = graph_in_;
     ggml_backend_tensor_set(in.tokens, tokens, 0, (size_t) n_tokens * sizeof(int32_t));
-    set_attention_batch_inputs(in.attn);
+    set_attention_batch_inputs(graph_in_.attn, n_past);
     // This batch's keys overwrite the ring rows of positions ring_size back (also if it is aborted).
-    if (ring_size_ > 0) ring_lo_ = std::max(ring_lo_, cache_.n_past + n_tokens - ring_size_);
+    if (ring_size_ > 0) ring_lo_ = std::max(ring_lo_, n_past + n_tokens - ring_size_);
 
     adapt_threads();
-    const ggml_status status = ggml_backend_graph_compute(backend_.get(), gf);
+    const ggml_status status = ggml_backend_graph_compute(backend_.get(), graph_);
     if (status == GGML_STATUS_SUCCESS && in.logits && logits_out) {
         ggml_backend_tensor_get(in.logits, logits_out, 0, ggml_nbytes(in.logits));
     }
@@ -217,7 +235,7 @@ void engine::eval_batch(const int32_t * tokens, int32_t n_tokens, int32_t n_outp
         captured->emplace_back(ggml_nelements(copy));
         if (status == GGML_STATUS_SUCCESS) ggml_backend_tensor_get(copy, captured->back().data(), 0, ggml_nbytes(copy));
     }
-    ggml_free(ctx);
+    if (capture_names) drop_graph();
     if (status == GGML_STATUS_ABORTED) throw eval_aborted("evaluation stopped");
     if (status != GGML_STATUS_SUCCESS) throw std::runtime_error("graph computation failed");
     cache_.n_past += n_tokens;

@@ -31,6 +31,9 @@ struct engine_params {
     // Run fewer compute threads while other processes keep cores busy (host.h); the attention
     // work split still follows n_threads, so results do not depend on the machine's load.
     bool adaptive_threads = true;
+    // Run the last batch's graph again when the next batch fits it (as llama.cpp does); off only
+    // to check that reuse changes nothing.
+    bool reuse_graphs = true;
 };
 
 // Longest sequence SelfExtend with (G, W) keeps within the trained context L: (L - W) * G + W.
@@ -83,6 +86,13 @@ private:
     ggml_gallocr_ptr galloc_;
     kv_cache cache_;
     std::vector<uint8_t> graph_meta_;  // memory for tensor and graph descriptors
+    // The last batch's graph, kept while nothing else has used graph_meta_ and galloc_: a batch
+    // it fits (decoding, mostly; see attention_graph_n_kv) only sets new inputs and runs it, as
+    // llama.cpp reuses its graphs; building and allocating would cost ~10% of a small model's step.
+    ggml_context_ptr graph_ctx_;
+    ggml_cgraph * graph_ = nullptr;
+    int32_t graph_n_outputs_ = 0;
+    llama_graph_inputs graph_in_;  // the fused kernel's parameters live here, at a fixed address
     std::atomic<bool> abort_{false};
     attention_path path_ = attention_path::fused;  // resolved from params_.path
     int32_t ring_size_ = 0;                         // neighbor-key ring rows (fused SelfExtend)
@@ -97,6 +107,7 @@ private:
 
     void adapt_threads();
 
+    void drop_graph() { graph_ = nullptr; graph_ctx_.reset(); }
     void refill_ring(int32_t lo, int32_t hi);
     attention_config attention_cfg() const;
     size_t measure_compute_bytes();  // compute buffer bytes of the largest batch graph

@@ -226,7 +226,9 @@ void selfextend_forward(ggml_tensor * dst, int ith, int nth, const selfextend_op
     const ggml_tensor * k = dst->src[2], * v = dst->src[3], * k_nb = dst->src[4];
     const int D = (int) q_n->ne[0], n_head = (int) q_n->ne[1], n_head_kv = (int) k->ne[1];
     const int R = n_head / n_head_kv;
-    const int32_t n_kv = (int32_t) k->ne[2], T = p.n_tokens, C = p.n_chunks, W = p.window;
+    // Keys that exist for this batch; the cache view k may span more rows (a graph serves several
+    // positions), which the chunks leave out.
+    const int32_t T = p.n_tokens, n_kv = p.n_past + T, C = p.n_chunks, W = p.window;
     const bool partial = C > 1;
     const int32_t n_tiles = (T + kTile - 1) / kTile;
 

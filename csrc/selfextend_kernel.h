@@ -12,7 +12,7 @@
 namespace pse {
 
 struct selfextend_op_params {
-    int32_t n_past = 0;     // keys already cached before this batch
+    int32_t n_past = 0;     // keys already cached before this batch (read when the graph runs)
     int32_t n_tokens = 0;   // queries in this batch (at positions n_past ..)
     int32_t window = 0;     // W: keys at distance < W are neighbors
     int32_t nb_lo = 0;      // first key position that may be a neighbor of a query in this batch
@@ -25,7 +25,8 @@ struct selfextend_op_params {
 int32_t selfextend_choose_chunks(int32_t n_tokens, int32_t n_head_kv, int32_t n_kv, int n_threads);
 
 // q_n, q_g: [D, n_head, T] f32, rotated to the neighbor / grouped query positions.
-// k, v:     [D, n_head_kv, n_kv] views of the cache (f16 or f32); k rotated to grouped positions.
+// k, v:     [D, n_head_kv, >= n_past + T] views of the cache (f16 or f32); k rotated to grouped
+//           positions; rows from n_past + T on are not read.
 // k_nb:     keys rotated to their own positions: [D, n_head_kv, ring_size] ring, or rows nb_lo.. .
 // Returns [D, n_head, T] f32. `params` must stay alive until the graph has been computed.
 ggml_tensor * selfextend_attention_fused(ggml_context * ctx, ggml_tensor * q_n, ggml_tensor * q_g,

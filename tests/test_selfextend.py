@@ -132,6 +132,29 @@ def test_a_reused_prefix_gives_exactly_the_fresh_logits(tiny_model, path_):
     assert np.array_equal(reused.eval(question, True), fresh[len(doc):])
 
 
+@pytest.mark.parametrize("group_size, path_", [(1, "auto"), (4, "fused"), (4, "portable")])
+def test_decoding_on_a_reused_graph_changes_nothing(tiny_model, group_size, path_):
+    # One graph serves every decoding step within a stretch of 256 cache rows (positions, cache
+    # rows and the kernel's bounds are inputs). Across stretch boundaries, after a truncation and
+    # after a longer batch, each step's logits are those of a graph built for that step alone.
+    path = tiny_model(weight_type="f32")
+    model = _engine.Model(str(path))
+    ids = np.random.default_rng(8).integers(3, 320, size=700).tolist()
+    window = 40 if group_size > 1 else 0
+    reused, rebuilt = (_engine.Engine(model, 768, 32, 2, "f16", group_size, window, path_,
+                                              adaptive_threads=False, reuse_graphs=r)
+                       for r in (True, False))
+    for eng in (reused, rebuilt):
+        eng.eval(ids[:200])
+    steps = [[t] for t in ids[200:560]] + [None] + [ids[450:455]] + [[t] for t in ids[455:480]]
+    for step in steps:
+        if step is None:  # back to 450 tokens
+            reused.truncate(450)
+            rebuilt.truncate(450)
+            continue
+        assert np.array_equal(reused.eval(step), rebuilt.eval(step)), reused.n_past
+
+
 @pytest.mark.parametrize("arch", ["llama", "qwen2", "qwen3", "phi3"])
 def test_model_level_portable_equals_fused(tiny_model, arch):
     path = tiny_model(weight_type="f32", n_embd=128, n_head=2, n_head_kv=1, arch=arch)
