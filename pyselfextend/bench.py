@@ -1,10 +1,12 @@
 """``pyselfextend bench``: prefill and decode speed and peak memory against llama.cpp, in one run.
 
 Every engine gets the same model file, thread count and random tokens. Each engine runs in its own
-process, so that its peak resident memory (RSS) is its own. At each depth d the cache is first
-filled to d tokens (untimed; depths are visited in increasing order and each fill continues the
-last); prefill is one batch of --n-prompt tokens after them, decode is --n-gen single tokens after
-them; each is repeated and the median reported.
+process, so that its peak resident memory (RSS) is its own, and the engines take turns: each
+repetition measures every engine once, in a rotating order, so that a slow spell of the machine
+falls on all of them alike. At each depth d the cache is first filled to d tokens (untimed;
+depths are visited in increasing order and each fill continues the last); prefill is one batch
+of --n-prompt tokens after them, decode is --n-gen single tokens after them; each is repeated
+and the median reported.
 
 Engines:
   selfextend     pyselfextend as a user gets it for a context of (deepest depth + prefill) tokens:
@@ -33,17 +35,54 @@ import numpy as np
 ENGINES = ["selfextend", "ordinary", "llama.cpp-fa", "llama.cpp"]
 
 
-def _worker(engine: str, path: str, threads: int, depths: List[int], n_prompt: int, n_gen: int, reps: int) -> Dict:
-    """Runs one engine through every depth in this process; returns speeds and peak RSS."""
+class _Worker:
+    """One engine in a process of its own, measuring on request (``python -m pyselfextend.bench --worker``).
+
+    The driver keeps every engine's process alive and asks them in turn, so that a slow spell of
+    this machine (other load, frequency changes) falls on every engine alike rather than on
+    whichever ran then; each process's peak RSS stays its own.
+    """
+
+    def __init__(self, engine: str, path: str, threads: int, n_ctx: int, n_prompt: int, n_gen: int):
+        self.engine = engine
+        cmd = [sys.executable, "-m", "pyselfextend.bench", "--worker", engine, path, str(threads), str(n_ctx),
+               str(n_prompt), str(n_gen)]
+        self._proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, bufsize=1,
+                                      env=os.environ.copy())
+        self.info = self._reply()  # {"group_size", "window"} once the model is loaded
+
+    def _reply(self) -> Dict:
+        line = self._proc.stdout.readline()
+        if not line:
+            code = self._proc.wait()
+            raise RuntimeError(f"bench worker for {self.engine} failed (exit {code})")
+        return json.loads(line)
+
+    def ask(self, op: str, depth: int = 0) -> Dict:
+        try:
+            self._proc.stdin.write(json.dumps({"op": op, "depth": depth}) + "\n")
+            self._proc.stdin.flush()
+        except BrokenPipeError:
+            pass  # it has exited; _reply says how
+        return self._reply()
+
+    def close(self) -> None:
+        if self._proc.poll() is None:
+            self._proc.kill()
+        self._proc.wait()
+
+
+def _serve_worker(engine: str, path: str, threads: int, n_ctx: int, n_prompt: int, n_gen: int) -> None:
+    """The worker side of _Worker: one JSON line per request on stdin, one answer on stdout."""
     from . import _engine
     from .context import plan_context
 
     n_batch = max(512, n_prompt)
-    n_ctx = max(depths) + max(n_prompt, n_gen) + 16
     model = _engine.Model(path)
-    plan = None
+    info: Dict = {}
     if engine == "selfextend":
         plan = plan_context(n_ctx, model.n_ctx_train)
+        info = {"group_size": plan.group_size, "window": plan.window}
         # A fixed thread count, as llama.cpp's: no adapting to other load during a measurement.
         eng = _engine.Engine(model, n_ctx, n_batch, threads, "f16", plan.group_size, plan.window,
                              adaptive_threads=False)
@@ -52,37 +91,71 @@ def _worker(engine: str, path: str, threads: int, depths: List[int], n_prompt: i
     else:
         eng = _engine.Reference(path, n_ctx, n_batch, threads, engine == "llama.cpp-fa")
     rng = np.random.default_rng(1234)  # the same tokens for every engine
-    fill = rng.integers(0, model.n_vocab, size=max(depths)).tolist()
+    fill = rng.integers(0, model.n_vocab, size=n_ctx).tolist()
     prompt = rng.integers(0, model.n_vocab, size=n_prompt).tolist()
     gen = rng.integers(0, model.n_vocab, size=n_gen).tolist()
 
-    out = {"engine": engine, "depths": {}}
-    if plan is not None:
-        out["group_size"], out["window"] = plan.group_size, plan.window
-    for depth in depths:
-        eng.truncate(eng.n_past if eng.n_past <= depth else depth)
-        t0 = time.perf_counter()
-        for start in range(eng.n_past, depth, n_batch):
-            eng.eval(fill[start:min(depth, start + n_batch)])
-            print(f"  {engine}: filling to depth {depth}: {min(depth, start + n_batch)}", file=sys.stderr, flush=True)
-        fill_s = time.perf_counter() - t0
-        pre, dec = [], []
-        for _ in range(reps):
-            eng.truncate(depth)
-            t = time.perf_counter()
+    def answer(obj: Dict) -> None:
+        sys.stdout.write(json.dumps(obj) + "\n")
+        sys.stdout.flush()
+
+    answer(info)
+    for line in sys.stdin:
+        req = json.loads(line)
+        op, depth = req["op"], int(req["depth"])
+        if op == "done":
+            answer({"peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024})  # Linux: KiB
+            return
+        if op == "fill":  # untimed for the report; continues from the cache's current length
+            eng.truncate(min(eng.n_past, depth))
+            t0 = time.perf_counter()
+            for start in range(eng.n_past, depth, n_batch):
+                eng.eval(fill[start:min(depth, start + n_batch)])
+                print(f"  {engine}: filling to depth {depth}: {min(depth, start + n_batch)}", file=sys.stderr,
+                      flush=True)
+            answer({"seconds": time.perf_counter() - t0})
+            continue
+        eng.truncate(depth)
+        t = time.perf_counter()
+        if op == "prefill":
             eng.eval(prompt)
-            pre.append(n_prompt / (time.perf_counter() - t))
-            eng.truncate(depth)
-            t = time.perf_counter()
+            rate = n_prompt / (time.perf_counter() - t)
+        else:
             for tok in gen:
                 eng.eval([tok])
-            dec.append(n_gen / (time.perf_counter() - t))
+            rate = n_gen / (time.perf_counter() - t)
         eng.truncate(depth)
-        out["depths"][str(depth)] = {"prefill": pre, "decode": dec, "fill_seconds": fill_s}
-        print(f"  {engine}: depth {depth}: prefill {statistics.median(pre):.1f} t/s, decode "
-              f"{statistics.median(dec):.1f} t/s", file=sys.stderr, flush=True)
-    out["peak_rss_bytes"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux: KiB
-    return out
+        answer({"tokens_per_second": rate})
+
+
+def _measure(engines: List[str], path: str, threads: int, depths: List[int], n_prompt: int, n_gen: int,
+             reps: int) -> Dict[str, Dict]:
+    """Every engine through every depth, the repetitions interleaved across engines."""
+    n_ctx = max(depths) + max(n_prompt, n_gen) + 16
+    workers: List[_Worker] = []
+    try:
+        for e in engines:  # one at a time: loading is heavy
+            workers.append(_Worker(e, path, threads, n_ctx, n_prompt, n_gen))
+        out = {w.engine: {"engine": w.engine, **w.info, "depths": {}} for w in workers}
+        for depth in depths:
+            for w in workers:
+                out[w.engine]["depths"][str(depth)] = {"prefill": [], "decode": [],
+                                                       "fill_seconds": w.ask("fill", depth)["seconds"]}
+            for rep in range(reps):
+                order = workers[rep % len(workers):] + workers[:rep % len(workers)]  # no engine always first
+                for kind in ("prefill", "decode"):
+                    for w in order:
+                        out[w.engine]["depths"][str(depth)][kind].append(w.ask(kind, depth)["tokens_per_second"])
+            for w in workers:
+                m = out[w.engine]["depths"][str(depth)]
+                print(f"  {w.engine}: depth {depth}: prefill {statistics.median(m['prefill']):.1f} t/s, decode "
+                      f"{statistics.median(m['decode']):.1f} t/s", file=sys.stderr, flush=True)
+        for w in workers:
+            out[w.engine]["peak_rss_bytes"] = w.ask("done")["peak_rss_bytes"]
+        return out
+    finally:
+        for w in workers:
+            w.close()
 
 
 def run_bench(args: argparse.Namespace) -> int:
@@ -99,14 +172,7 @@ def run_bench(args: argparse.Namespace) -> int:
     print(f"bench: {path}, {threads} threads, prefill {args.n_prompt}, decode {args.n_gen}, depths {depths}, "
           f"{args.repetitions} repetitions, engines {', '.join(engines)}", file=sys.stderr, flush=True)
 
-    results = {}
-    for e in engines:
-        cmd = [sys.executable, "-m", "pyselfextend.bench", "--worker", e, path, str(threads),
-               ",".join(map(str, depths)), str(args.n_prompt), str(args.n_gen), str(args.repetitions)]
-        proc = subprocess.run(cmd, stdout=subprocess.PIPE, text=True, env=os.environ.copy())
-        if proc.returncode != 0:
-            raise RuntimeError(f"bench worker for {e} failed (exit {proc.returncode})")
-        results[e] = json.loads(proc.stdout)
+    results = _measure(engines, path, threads, depths, args.n_prompt, args.n_gen, args.repetitions)
 
     report = {"model": path, "threads": threads, "n_prompt": args.n_prompt, "n_gen": args.n_gen,
               "repetitions": args.repetitions, "date": time.strftime("%Y-%m-%d"), "engines": {}, "ratios": {}}
@@ -153,10 +219,9 @@ def run_bench(args: argparse.Namespace) -> int:
 
 
 if __name__ == "__main__" and len(sys.argv) > 1 and sys.argv[1] == "--worker":
-    _, _, engine, path, threads, depths, n_prompt, n_gen, reps = sys.argv
+    _, _, engine, path, threads, n_ctx, n_prompt, n_gen = sys.argv
     try:
-        json.dump(_worker(engine, path, int(threads), [int(d) for d in depths.split(",")], int(n_prompt), int(n_gen),
-                          int(reps)), sys.stdout)
+        _serve_worker(engine, path, int(threads), int(n_ctx), int(n_prompt), int(n_gen))
     except (ValueError, MemoryError, RuntimeError, OSError) as e:  # said once, by the parent's error line
         print(f"pyselfextend bench: {engine}: {e}", file=sys.stderr)
         sys.exit(1)
