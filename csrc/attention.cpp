@@ -78,6 +78,11 @@ ggml_tensor * rope(ggml_context * ctx, ggml_tensor * x, ggml_tensor * pos, const
                          r.ext_factor, r.attn_factor, r.beta_fast, r.beta_slow);
 }
 
+// Rotating or transposing a quantized cache needs its values in f32 first.
+ggml_tensor * as_f32_if_quantized(ggml_context * ctx, ggml_tensor * t) {
+    return ggml_is_quantized(t->type) ? ggml_cast(ctx, t, GGML_TYPE_F32) : t;
+}
+
 }  // namespace
 
 void build_ring_refill(ggml_context * ctx, ggml_cgraph * gf, kv_cache & cache, int il, int32_t lo, int32_t hi,
@@ -86,7 +91,7 @@ void build_ring_refill(ggml_context * ctx, ggml_cgraph * gf, kv_cache & cache, i
     const int64_t n_head_kv = cache.n_embd_kv / head_dim;
     ggml_tensor * rows = ggml_view_3d(ctx, ck, head_dim, n_head_kv, hi - lo, ggml_row_size(ck->type, head_dim),
                                       ck->nb[1], (size_t) lo * ck->nb[1]);
-    ggml_tensor * own = rope(ctx, rows, pos_delta, rope_p);
+    ggml_tensor * own = rope(ctx, as_f32_if_quantized(ctx, rows), pos_delta, rope_p);
     ggml_build_forward_expand(gf, ggml_set_rows(ctx, cache.k_ring[il], ggml_reshape_2d(ctx, own, cache.n_embd_kv, hi - lo),
                                                 rows_in));
 }
@@ -238,17 +243,19 @@ ggml_tensor * build_attention(ggml_context * ctx, ggml_cgraph * gf, kv_cache & c
             ggml_tensor * ring = cache.k_ring[il];
             ggml_tensor * own = ggml_reshape_2d(ctx, rope(ctx, k_own, b.pos, rope_p), cache.n_embd_kv, n_tokens);
             ggml_build_forward_expand(gf, ggml_set_rows(ctx, ring, own, b.ring_rows));
-            k_nb = ggml_view_3d(ctx, ring, head_dim, n_head_kv, ring->ne[1], row_head, ring->nb[1], 0);
+            k_nb = ggml_view_3d(ctx, ring, head_dim, n_head_kv, ring->ne[1], ggml_row_size(ring->type, head_dim),
+                                ring->nb[1], 0);
         } else {
             // Neighbor keys: cached rows nb_lo.. rotated on from floor(j/G) to j (RoPE composes).
             const int32_t nb_lo = b.se.nb_lo;
             ggml_tensor * tail = ggml_view_3d(ctx, ck, head_dim, n_head_kv, n_kv - nb_lo, row_head, ck->nb[1],
                                               (size_t) nb_lo * ck->nb[1]);
-            k_nb = rope(ctx, tail, b.pos_neighbor, rope_p);
+            k_nb = rope(ctx, as_f32_if_quantized(ctx, tail), b.pos_neighbor, rope_p);
         }
         out = b.cfg.path == attention_path::fused
                   ? selfextend_attention_fused(ctx, q_n, q_g, kk, vv, k_nb, &b.se)
-                  : selfextend_portable(ctx, b, q_n, q_g, kk, k_nb, vv, kq_scale);
+                  : selfextend_portable(ctx, b, q_n, q_g, as_f32_if_quantized(ctx, kk), k_nb,
+                                        as_f32_if_quantized(ctx, vv), kq_scale);
     }
     return ggml_reshape_2d(ctx, out, head_dim * n_head, n_tokens);
 }

@@ -314,9 +314,9 @@ PYBIND11_MODULE(_engine, m) {
              py::arg("template_override") = "");
 
     py::class_<reference_model>(m, "Reference", "llama.cpp's own forward pass, for parity tests and benchmarks.")
-        .def(py::init<const std::string &, int32_t, int32_t, int32_t, bool, int32_t, bool>(), py::arg("path"),
-             py::arg("n_ctx"), py::arg("n_batch"), py::arg("n_threads"), py::arg("flash_attn") = true,
-             py::arg("grp_attn_n") = 1, py::arg("repack") = true,
+        .def(py::init<const std::string &, int32_t, int32_t, int32_t, bool, int32_t, bool, const std::string &>(),
+             py::arg("path"), py::arg("n_ctx"), py::arg("n_batch"), py::arg("n_threads"), py::arg("flash_attn") = true,
+             py::arg("grp_attn_n") = 1, py::arg("repack") = true, py::arg("cache_type") = "f16",
              py::call_guard<py::gil_scoped_release>())
         .def("eval",
              [](reference_model & r, py::object tokens, bool all_logits) {

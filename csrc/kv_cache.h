@@ -17,7 +17,7 @@ struct kv_cache {
     std::vector<ggml_tensor *> k;  // [n_embd_kv, n_ctx] per layer
     std::vector<ggml_tensor *> v;  // [n_embd_kv, n_ctx] per layer
     // SelfExtend only: the last keys again, rotated to their own positions (neighbor keys), in a
-    // ring of ring_size rows (row j at j % ring_size): O(W) extra memory.
+    // ring of ring_size rows (row j at j % ring_size): O(W) extra memory, in ring_type().
     int32_t ring_size = 0;
     std::vector<ggml_tensor *> k_ring;  // [n_embd_kv, ring_size] per layer
 
@@ -29,8 +29,12 @@ struct kv_cache {
     // Describes the cache for n_ctx tokens; nothing is allocated yet, so that its size can be
     // checked against the machine's memory first.
     void init(const llama_hparams & hp, int32_t n_ctx, ggml_type type, int32_t ring_size = 0);
-    // The cache types this package runs, by name ("f16", "f32"); throws std::invalid_argument.
+    // The cache types this package runs, by name ("f16", "f32", "q8_0"); throws
+    // std::invalid_argument.
     static ggml_type type_from_name(const std::string & name);
+    // The neighbor ring's type: the cache's, or f16 for a quantized cache (the ring is small, and
+    // its keys are rotated again on a refill).
+    ggml_type ring_type() const;
     size_t bytes_needed(ggml_backend_t backend) const;
     // Allocates the storage on the backend; zero() clears it (touching every page).
     void allocate(ggml_backend_t backend);

@@ -2,6 +2,7 @@
 
 #include "gguf_model.h"
 #include "host.h"
+#include "kv_cache.h"
 
 #include "llama.h"
 
@@ -12,10 +13,14 @@
 namespace pse {
 
 reference_model::reference_model(const std::string & path, int32_t n_ctx, int32_t n_batch, int32_t n_threads,
-                                 bool flash_attn, int32_t grp_attn_n, bool repack)
+                                 bool flash_attn, int32_t grp_attn_n, bool repack, const std::string & cache_type)
     : n_ctx_(n_ctx), n_batch_(n_batch), grp_n_(grp_attn_n) {
     if (n_ctx < 1 || n_batch < 1) throw std::invalid_argument("n_ctx and n_batch must be >= 1");
     check_thread_count(n_threads);
+    const ggml_type type = kv_cache::type_from_name(cache_type);  // the same names as the engine's
+    if (ggml_is_quantized(type) && !flash_attn) {
+        throw std::invalid_argument("llama.cpp runs a quantized V cache ('" + cache_type + "') only with flash attention");
+    }
     if (grp_attn_n < 1 || n_batch % grp_attn_n != 0) {
         throw std::invalid_argument("grp_attn_n must be >= 1 and divide n_batch (" + std::to_string(n_batch) + ")");
     }
@@ -27,10 +32,10 @@ reference_model::reference_model(const std::string & path, int32_t n_ctx, int32_
     model_ = llama_model_load_from_file(path.c_str(), mp);
     if (!model_) throw std::invalid_argument(path + ": llama.cpp could not load the model");
     {
-        // libllama would allocate and clear its f16 cache whatever its size: check it first.
+        // libllama would allocate and clear its cache whatever its size: check it first.
         const size_t head_dim = (size_t) llama_model_n_embd(model_) / (size_t) llama_model_n_head(model_);
-        const size_t cache_bytes = 2 * sizeof(ggml_fp16_t) * (size_t) llama_model_n_layer(model_) * (size_t) n_ctx *
-                                   head_dim * (size_t) llama_model_n_head_kv(model_);
+        const size_t cache_bytes = 2 * ggml_row_size(type, (int64_t) (head_dim * llama_model_n_head_kv(model_))) *
+                                   (size_t) llama_model_n_layer(model_) * (size_t) n_ctx;
         try {
             require_memory(cache_bytes, "llama.cpp with n_ctx=" + std::to_string(n_ctx));
         } catch (...) {
@@ -46,8 +51,8 @@ reference_model::reference_model(const std::string & path, int32_t n_ctx, int32_
     cp.n_threads = n_threads;
     cp.n_threads_batch = n_threads;
     cp.flash_attn_type = flash_attn ? LLAMA_FLASH_ATTN_TYPE_ENABLED : LLAMA_FLASH_ATTN_TYPE_DISABLED;
-    cp.type_k = GGML_TYPE_F16;
-    cp.type_v = GGML_TYPE_F16;
+    cp.type_k = type;
+    cp.type_v = type;
     cp.no_perf = true;
     ctx_ = llama_init_from_model(model_, cp);
     if (!ctx_) {

@@ -18,8 +18,9 @@ public:
     // only the current batch keeps exact positions. A long-context baseline, not SelfExtend.
     // repack: llama.cpp's default, weights of some types (Q4_0, Q4_K, IQ4_NL, ...) rearranged for
     // its faster CPU kernels, which sum in another order; false keeps them as in the file.
+    // cache_type: as the engine's (kv_cache::type_from_name); a quantized one needs flash_attn.
     reference_model(const std::string & path, int32_t n_ctx, int32_t n_batch, int32_t n_threads, bool flash_attn,
-                    int32_t grp_attn_n = 1, bool repack = true);
+                    int32_t grp_attn_n = 1, bool repack = true, const std::string & cache_type = "f16");
     ~reference_model();
     reference_model(const reference_model &) = delete;
     reference_model & operator=(const reference_model &) = delete;

@@ -20,20 +20,28 @@ namespace {
 
 // ---- vector primitives: AVX2+F16C, NEON, or scalar, chosen at compile time ----------------
 
-inline float to_f32(float x) { return x; }
-inline float to_f32(ggml_fp16_t x) { return ggml_fp16_to_fp32(x); }
-
-// Copies n values to f32 (the K/V rows of a block are converted once and reused by every query).
-inline void to_f32_row(float * dst, const float * src, int n) { std::memcpy(dst, src, sizeof(float) * n); }
-inline void to_f32_row(float * dst, const ggml_fp16_t * src, int n) {
-    int i = 0;
+// Row readers: copy n values of a cache row to f32 (the K/V rows of a block are converted once and
+// reused by every query). f16 and f32 are inlined; a quantized cache (q8_0) goes through
+// ggml's own dequantization.
+struct f32_rows {
+    void operator()(float * dst, const char * src, int n) const { std::memcpy(dst, src, sizeof(float) * n); }
+};
+struct f16_rows {
+    void operator()(float * dst, const char * src_bytes, int n) const {
+        const ggml_fp16_t * src = (const ggml_fp16_t *) src_bytes;
+        int i = 0;
 #if PSE_AVX2
-    for (; i + 8 <= n; i += 8) _mm256_storeu_ps(dst + i, _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *) (src + i))));
+        for (; i + 8 <= n; i += 8) _mm256_storeu_ps(dst + i, _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *) (src + i))));
 #elif PSE_NEON
-    for (; i + 4 <= n; i += 4) vst1q_f32(dst + i, vcvt_f32_f16(vld1_f16((const __fp16 *) (src + i))));
+        for (; i + 4 <= n; i += 4) vst1q_f32(dst + i, vcvt_f32_f16(vld1_f16((const __fp16 *) (src + i))));
 #endif
-    for (; i < n; ++i) dst[i] = ggml_fp16_to_fp32(src[i]);
-}
+        for (; i < n; ++i) dst[i] = ggml_fp16_to_fp32(src[i]);
+    }
+};
+struct quantized_rows {
+    ggml_to_float_t dequantize;
+    void operator()(float * dst, const char * src, int n) const { dequantize(src, dst, n); }
+};
 
 // out[k] = <q, krows[k]> for 8 consecutive rows of length D (stride D).
 inline void dot8(const float * q, const float * krows, int D, float * out) {
@@ -156,10 +164,11 @@ struct block_scratch {
 // Folds keys [lo, hi) into every row. For a row at position i, key j is grouped when i - j >= W,
 // a neighbor when 0 <= i - j < W, and invisible when j > i. Each block of K/V rows is converted
 // once and then serves every row of the tile.
-template <typename TK, typename TV>
+template <typename KRows, typename NbRows, typename VRows>
 void attend_rows(query_row * rows, int n_rows, int D, float scale, int32_t W, int32_t lo, int32_t hi,
                  const char * k_base, size_t k_stride, const char * knb_base, size_t knb_stride, int32_t nb_lo,
-                 int32_t ring, const char * v_base, size_t v_stride, block_scratch & sc) {
+                 int32_t ring, const char * v_base, size_t v_stride, block_scratch & sc,
+                 const KRows & k_row, const NbRows & nb_row, const VRows & v_row) {
     constexpr float neg_inf = -std::numeric_limits<float>::infinity();
     int32_t i_min = rows[0].pos, i_max = rows[0].pos;
     for (int r = 1; r < n_rows; ++r) i_min = std::min(i_min, rows[r].pos), i_max = std::max(i_max, rows[r].pos);
@@ -171,7 +180,7 @@ void attend_rows(query_row * rows, int n_rows, int D, float scale, int32_t W, in
         const bool any_grp = j0 <= i_max - W;                   // some row sees a grouped key here
         const bool any_nb = j_last > i_min - W && j0 <= i_max;  // some row sees a neighbor key here
         if (any_grp) {
-            for (int b = 0; b < nb; ++b) to_f32_row(sc.k_grp.data() + (size_t) b * D, (const TK *) (k_base + (size_t) (j0 + b) * k_stride), D);
+            for (int b = 0; b < nb; ++b) k_row(sc.k_grp.data() + (size_t) b * D, k_base + (size_t) (j0 + b) * k_stride, D);
             std::fill(sc.k_grp.begin() + (size_t) nb * D, sc.k_grp.begin() + (size_t) nb8 * D, 0.0f);
         }
         if (any_nb) {
@@ -179,12 +188,12 @@ void attend_rows(query_row * rows, int n_rows, int D, float scale, int32_t W, in
                 const int32_t j = j0 + b;
                 float * dst = sc.k_nb.data() + (size_t) b * D;
                 const size_t row = ring > 0 ? (size_t) (j % ring) : (size_t) (j - nb_lo);
-                if (j >= nb_lo) to_f32_row(dst, (const TK *) (knb_base + row * knb_stride), D);
+                if (j >= nb_lo) nb_row(dst, knb_base + row * knb_stride, D);
                 else std::fill(dst, dst + D, 0.0f);  // never a neighbor of any row (j < i - W + 1)
             }
             std::fill(sc.k_nb.begin() + (size_t) nb * D, sc.k_nb.begin() + (size_t) nb8 * D, 0.0f);
         }
-        for (int b = 0; b < nb; ++b) to_f32_row(sc.v.data() + (size_t) b * D, (const TV *) (v_base + (size_t) (j0 + b) * v_stride), D);
+        for (int b = 0; b < nb; ++b) v_row(sc.v.data() + (size_t) b * D, v_base + (size_t) (j0 + b) * v_stride, D);
 
         for (int r = 0; r < n_rows; ++r) {
             query_row & q = rows[r];
@@ -220,8 +229,9 @@ void attend_rows(query_row * rows, int n_rows, int D, float scale, int32_t W, in
     }
 }
 
-template <typename TK, typename TV>
-void selfextend_forward(ggml_tensor * dst, int ith, int nth, const selfextend_op_params & p) {
+template <typename KRows, typename NbRows, typename VRows>
+void selfextend_forward(ggml_tensor * dst, int ith, int nth, const selfextend_op_params & p, const KRows & k_row,
+                        const NbRows & nb_row, const VRows & v_row) {
     const ggml_tensor * q_n = dst->src[0], * q_g = dst->src[1];
     const ggml_tensor * k = dst->src[2], * v = dst->src[3], * k_nb = dst->src[4];
     const int D = (int) q_n->ne[0], n_head = (int) q_n->ne[1], n_head_kv = (int) k->ne[1];
@@ -263,10 +273,9 @@ void selfextend_forward(ggml_tensor * dst, int ith, int nth, const selfextend_op
         const int32_t lo = (int32_t) ((int64_t) n_kv * c / C);
         const int32_t hi = std::min<int32_t>((int32_t) ((int64_t) n_kv * (c + 1) / C), p.n_past + t1);
         if (lo < hi) {
-            attend_rows<TK, TV>(rows.data(), n_rows, D, p.scale, W, lo, hi,
-                                (const char *) k->data + g * k->nb[1], k->nb[2],
-                                (const char *) k_nb->data + g * k_nb->nb[1], k_nb->nb[2], p.nb_lo, p.ring_size,
-                                (const char *) v->data + g * v->nb[1], v->nb[2], scratch);
+            attend_rows(rows.data(), n_rows, D, p.scale, W, lo, hi, (const char *) k->data + g * k->nb[1], k->nb[2],
+                        (const char *) k_nb->data + g * k_nb->nb[1], k_nb->nb[2], p.nb_lo, p.ring_size,
+                        (const char *) v->data + g * v->nb[1], v->nb[2], scratch, k_row, nb_row, v_row);
         }
 
         n_rows = 0;
@@ -291,10 +300,19 @@ void selfextend_forward(ggml_tensor * dst, int ith, int nth, const selfextend_op
 
 void selfextend_op(ggml_tensor * dst, int ith, int nth, void * userdata) {
     const selfextend_op_params & p = *(const selfextend_op_params *) userdata;
-    const ggml_type tk = dst->src[2]->type, tv = dst->src[3]->type;
-    if (tk == GGML_TYPE_F16 && tv == GGML_TYPE_F16) selfextend_forward<ggml_fp16_t, ggml_fp16_t>(dst, ith, nth, p);
-    else if (tk == GGML_TYPE_F32 && tv == GGML_TYPE_F32) selfextend_forward<float, float>(dst, ith, nth, p);
-    else GGML_ABORT("selfextend: K/V cache types must both be f16 or both f32");  // checked when building
+    // The cache types the engine allows (kv_cache::type_from_name): f16 or f32 throughout, or a
+    // quantized K/V with an f16 neighbor ring.
+    const ggml_type tk = dst->src[2]->type, tv = dst->src[3]->type, tnb = dst->src[4]->type;
+    if (tk == GGML_TYPE_F16 && tv == GGML_TYPE_F16 && tnb == GGML_TYPE_F16) {
+        selfextend_forward(dst, ith, nth, p, f16_rows{}, f16_rows{}, f16_rows{});
+    } else if (tk == GGML_TYPE_F32 && tv == GGML_TYPE_F32 && tnb == GGML_TYPE_F32) {
+        selfextend_forward(dst, ith, nth, p, f32_rows{}, f32_rows{}, f32_rows{});
+    } else if (ggml_is_quantized(tk) && ggml_is_quantized(tv) && tnb == GGML_TYPE_F16) {
+        selfextend_forward(dst, ith, nth, p, quantized_rows{ggml_get_type_traits(tk)->to_float}, f16_rows{},
+                           quantized_rows{ggml_get_type_traits(tv)->to_float});
+    } else {
+        GGML_ABORT("selfextend: unexpected K/V cache types");  // kv_cache allows none other
+    }
 }
 
 // Merges the per-chunk (acc, m, l) partials of each (query, head) into the normalized output.

@@ -40,11 +40,12 @@ class LlamaCppGroupAttention:
     """llama.cpp (flash attention on) with its group attention, behind a LocalModel-like interface."""
 
     def __init__(self, path: Path, n_ctx: int, grp_attn_n: int, n_threads: Optional[int] = None,
-                 n_batch: int = 512) -> None:
+                 n_batch: int = 512, cache_type: str = "f16") -> None:
         if grp_attn_n < 1 or n_batch % grp_attn_n:
             raise ValueError(f"grp_attn_n must be >= 1 and divide n_batch ({n_batch}), got {grp_attn_n}")
         self.n_batch = n_batch
-        self._ref = _engine.Reference(str(path), n_ctx, n_batch, n_threads or _default_threads(), True, grp_attn_n)
+        self._ref = _engine.Reference(str(path), n_ctx, n_batch, n_threads or _default_threads(), True, grp_attn_n,
+                                      cache_type=cache_type)
         self._vocab = _engine.Vocab(str(path))
         self.plan = GroupAttentionPlan(n_ctx, _engine.Model(str(path)).n_ctx_train, grp_attn_n)
 
@@ -80,7 +81,7 @@ class LlamaCppGroupAttention:
 
 
 def open_method(path: Optional[Union[str, Path]], n_ctx: int, n_threads: Optional[int] = None, n_batch: int = 512, *,
-                grp_attn_n: Optional[int] = None, verbose: bool = False,
+                grp_attn_n: Optional[int] = None, cache_type: str = "f16", verbose: bool = False,
                 **attention) -> Union[LocalModel, LlamaCppGroupAttention]:
     """The model for one long-context method: llama.cpp's group attention when ``grp_attn_n`` is
     given, otherwise ``LocalModel`` with ``attention`` (its group_size, window, selfextend,
@@ -95,7 +96,8 @@ def open_method(path: Optional[Union[str, Path]], n_ctx: int, n_threads: Optiona
             raise ValueError("llama.cpp's group attention (grp_attn_n) cannot be combined with group_size, window, "
                              "selfextend=False or rope_scaling: it is a method of its own")
         return LlamaCppGroupAttention(resolve_model(None if path is None else str(path)), n_ctx, grp_attn_n, n_threads,
-                                      n_batch)
+                                      n_batch, cache_type)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        return LocalModel(path, n_ctx=n_ctx, n_threads=n_threads, n_batch=n_batch, verbose=verbose, **attention)
+        return LocalModel(path, n_ctx=n_ctx, n_threads=n_threads, n_batch=n_batch, cache_type=cache_type,
+                          verbose=verbose, **attention)

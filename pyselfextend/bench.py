@@ -43,10 +43,10 @@ class _Worker:
     whichever ran then; each process's peak RSS stays its own.
     """
 
-    def __init__(self, engine: str, path: str, threads: int, n_ctx: int, n_prompt: int, n_gen: int):
+    def __init__(self, engine: str, path: str, threads: int, cache_type: str, n_ctx: int, n_prompt: int, n_gen: int):
         self.engine = engine
-        cmd = [sys.executable, "-m", "pyselfextend.bench", "--worker", engine, path, str(threads), str(n_ctx),
-               str(n_prompt), str(n_gen)]
+        cmd = [sys.executable, "-m", "pyselfextend.bench", "--worker", engine, path, str(threads), cache_type,
+               str(n_ctx), str(n_prompt), str(n_gen)]
         self._proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, bufsize=1,
                                       env=os.environ.copy())
         self.info = self._reply()  # {"group_size", "window"} once the model is loaded
@@ -72,7 +72,7 @@ class _Worker:
         self._proc.wait()
 
 
-def _serve_worker(engine: str, path: str, threads: int, n_ctx: int, n_prompt: int, n_gen: int) -> None:
+def _serve_worker(engine: str, path: str, threads: int, cache_type: str, n_ctx: int, n_prompt: int, n_gen: int) -> None:
     """The worker side of _Worker: one JSON line per request on stdin, one answer on stdout."""
     from . import _engine
     from .context import plan_context
@@ -84,12 +84,12 @@ def _serve_worker(engine: str, path: str, threads: int, n_ctx: int, n_prompt: in
         plan = plan_context(n_ctx, model.n_ctx_train)
         info = {"group_size": plan.group_size, "window": plan.window}
         # A fixed thread count, as llama.cpp's: no adapting to other load during a measurement.
-        eng = _engine.Engine(model, n_ctx, n_batch, threads, "f16", plan.group_size, plan.window,
+        eng = _engine.Engine(model, n_ctx, n_batch, threads, cache_type, plan.group_size, plan.window,
                              adaptive_threads=False)
     elif engine == "ordinary":
-        eng = _engine.Engine(model, n_ctx, n_batch, threads, "f16", adaptive_threads=False)
+        eng = _engine.Engine(model, n_ctx, n_batch, threads, cache_type, adaptive_threads=False)
     else:
-        eng = _engine.Reference(path, n_ctx, n_batch, threads, engine == "llama.cpp-fa")
+        eng = _engine.Reference(path, n_ctx, n_batch, threads, engine == "llama.cpp-fa", cache_type=cache_type)
     rng = np.random.default_rng(1234)  # the same tokens for every engine
     fill = rng.integers(0, model.n_vocab, size=n_ctx).tolist()
     prompt = rng.integers(0, model.n_vocab, size=n_prompt).tolist()
@@ -128,14 +128,14 @@ def _serve_worker(engine: str, path: str, threads: int, n_ctx: int, n_prompt: in
         answer({"tokens_per_second": rate})
 
 
-def _measure(engines: List[str], path: str, threads: int, depths: List[int], n_prompt: int, n_gen: int,
-             reps: int) -> Dict[str, Dict]:
+def _measure(engines: List[str], path: str, threads: int, cache_type: str, depths: List[int], n_prompt: int,
+             n_gen: int, reps: int) -> Dict[str, Dict]:
     """Every engine through every depth, the repetitions interleaved across engines."""
     n_ctx = max(depths) + max(n_prompt, n_gen) + 16
     workers: List[_Worker] = []
     try:
         for e in engines:  # one at a time: loading is heavy
-            workers.append(_Worker(e, path, threads, n_ctx, n_prompt, n_gen))
+            workers.append(_Worker(e, path, threads, cache_type, n_ctx, n_prompt, n_gen))
         out = {w.engine: {"engine": w.engine, **w.info, "depths": {}} for w in workers}
         for depth in depths:
             for w in workers:
@@ -165,16 +165,23 @@ def run_bench(args: argparse.Namespace) -> int:
     path = str(resolve_model(args.model))
     threads = args.threads or _default_threads()
     depths = sorted(set(args.depths))
-    engines = [e.strip() for e in args.engines.split(",")]
+    if args.engines is not None:
+        engines = [e.strip() for e in args.engines.split(",")]
+    elif args.cache_type in ("f16", "f32"):
+        engines = list(ENGINES)
+    else:
+        engines = [e for e in ENGINES if e != "llama.cpp"]
+        print("bench: llama.cpp runs a quantized V cache only with flash attention: engine llama.cpp left out",
+              file=sys.stderr)
     for e in engines:
         if e not in ENGINES:
             raise ValueError(f"unknown engine {e!r}; choose from {', '.join(ENGINES)}")
-    print(f"bench: {path}, {threads} threads, prefill {args.n_prompt}, decode {args.n_gen}, depths {depths}, "
-          f"{args.repetitions} repetitions, engines {', '.join(engines)}", file=sys.stderr, flush=True)
+    print(f"bench: {path}, {threads} threads, {args.cache_type} cache, prefill {args.n_prompt}, decode {args.n_gen}, "
+          f"depths {depths}, {args.repetitions} repetitions, engines {', '.join(engines)}", file=sys.stderr, flush=True)
 
-    results = _measure(engines, path, threads, depths, args.n_prompt, args.n_gen, args.repetitions)
+    results = _measure(engines, path, threads, args.cache_type, depths, args.n_prompt, args.n_gen, args.repetitions)
 
-    report = {"model": path, "threads": threads, "n_prompt": args.n_prompt, "n_gen": args.n_gen,
+    report = {"model": path, "threads": threads, "cache_type": args.cache_type, "n_prompt": args.n_prompt, "n_gen": args.n_gen,
               "repetitions": args.repetitions, "date": time.strftime("%Y-%m-%d"), "engines": {}, "ratios": {}}
     for e, r in results.items():
         report["engines"][e] = {
@@ -200,7 +207,7 @@ def run_bench(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(report, indent=2))
         return 0
-    print(f"model {path}\n{threads} threads; median of {args.repetitions}; prefill = {args.n_prompt} tokens in one "
+    print(f"model {path}\n{threads} threads, {args.cache_type} KV cache; median of {args.repetitions}; prefill = {args.n_prompt} tokens in one "
           f"batch after DEPTH cached tokens, decode = {args.n_gen} tokens one at a time after them; tokens/s")
     print(f"{'depth':>7}  {'engine':<14} {'prefill':>9} {'decode':>9}")
     for d in map(str, depths):
@@ -219,9 +226,9 @@ def run_bench(args: argparse.Namespace) -> int:
 
 
 if __name__ == "__main__" and len(sys.argv) > 1 and sys.argv[1] == "--worker":
-    _, _, engine, path, threads, n_ctx, n_prompt, n_gen = sys.argv
+    _, _, engine, path, threads, cache_type, n_ctx, n_prompt, n_gen = sys.argv
     try:
-        _serve_worker(engine, path, int(threads), int(n_ctx), int(n_prompt), int(n_gen))
+        _serve_worker(engine, path, int(threads), cache_type, int(n_ctx), int(n_prompt), int(n_gen))
     except (ValueError, MemoryError, RuntimeError, OSError) as e:  # said once, by the parent's error line
         print(f"pyselfextend bench: {engine}: {e}", file=sys.stderr)
         sys.exit(1)

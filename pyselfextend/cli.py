@@ -143,6 +143,11 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--verbose", "-v", action="store_true", help="show libllama/ggml log messages")
 
 
+def _add_cache_type_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--cache-type", default="f16", metavar="TYPE",
+                   help="KV cache type: f16 (default), f32 or q8_0 (about half f16's memory)")
+
+
 def _add_selfextend_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--group-size", "-G", type=_positive_int, default=None, metavar="G",
                    help="SelfExtend group size (default: the smallest that reaches --ctx)")
@@ -224,7 +229,7 @@ def _open_model(args: argparse.Namespace, n_ctx: int, n_batch: int = 512):
     if grp_attn_n is not None and (args.group_size is not None or args.window is not None or not args.selfextend
                                    or args.rope_scaling is not None):
         raise ValueError("--grp-attn-n cannot be combined with --group-size/--window, --no-selfextend or --rope-scaling")
-    llm = open_method(args.model, n_ctx, args.threads, n_batch, grp_attn_n=grp_attn_n,
+    llm = open_method(args.model, n_ctx, args.threads, n_batch, grp_attn_n=grp_attn_n, cache_type=args.cache_type,
                       verbose=args.verbose, group_size=args.group_size, window=args.window,
                       selfextend=args.selfextend, rope_scaling=args.rope_scaling, rope_factor=args.rope_factor)
     print(f"pyselfextend: {llm.plan.describe()}", file=sys.stderr)
@@ -466,6 +471,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("generate", help="continue a prompt", description="Continue a prompt; the text goes to stdout.")
     _add_model_args(p)
+    _add_cache_type_arg(p)
     _add_generation_args(p)
     p.add_argument("--special", action="store_true",
                    help="turn special-token text in the prompt (</s>, <|im_end|>, ...) into those tokens; by default "
@@ -482,6 +488,7 @@ def build_parser() -> argparse.ArgumentParser:
                                    "prompt (or Ctrl-D) leaves. Message text stays text: special-token spellings "
                                    "in documents and questions are not parsed.")
     _add_model_args(p)
+    _add_cache_type_arg(p)
     _add_generation_args(p)
     p.add_argument("--system", metavar="TEXT", help="the system message")
     p.add_argument("--file", action="append", default=[], metavar="PATH",
@@ -504,6 +511,7 @@ def build_parser() -> argparse.ArgumentParser:
                                    "disconnects ends its request; Ctrl-C or SIGTERM end the running requests and "
                                    "stop the server. Needs: pip install 'pyselfextend[server]'.")
     _add_model_args(p)
+    _add_cache_type_arg(p)
     p.add_argument("--ctx", "-c", type=parse_size, default=4096, metavar="N",
                    help="context size: the longest prompt + reply (default 4096; accepts 16k)")
     _add_selfextend_args(p)
@@ -542,6 +550,7 @@ def build_parser() -> argparse.ArgumentParser:
                                    "tokens, overall and per bucket of positions, so that the behaviour past the "
                                    "trained context is visible.")
     _add_model_args(p)
+    _add_cache_type_arg(p)
     p.add_argument("--file", "-f", required=True, metavar="FILE", help="the document (UTF-8 text)")
     p.add_argument("--ctx", "-c", type=parse_size, default=4096, metavar="N", help="tokens to evaluate (default 4096)")
     p.add_argument("--batch", type=_positive_int, default=512, metavar="N", help="batch size (default 512)")
@@ -581,12 +590,13 @@ def build_parser() -> argparse.ArgumentParser:
                                    + __import__("pyselfextend.bench", fromlist=["x"]).__doc__.split("\n", 1)[1].strip(),
                        formatter_class=argparse.RawDescriptionHelpFormatter)
     _add_model_args(p)
+    _add_cache_type_arg(p)
     p.add_argument("--n-prompt", type=_positive_int, default=512, metavar="N", help="prefill tokens (default 512)")
     p.add_argument("--n-gen", type=_positive_int, default=128, metavar="N", help="decoded tokens (default 128)")
     p.add_argument("--depths", type=_depth_list, default=[0], metavar="LIST",
                    help="comma-separated cache depths to measure at, e.g. 0,4k,8k (default 0)")
-    p.add_argument("--engines", default=",".join(["selfextend", "ordinary", "llama.cpp-fa", "llama.cpp"]),
-                   metavar="LIST", help="engines to run (default: all four)")
+    p.add_argument("--engines", default=None, metavar="LIST",
+                   help="engines to run (default: all four; with a quantized --cache-type, all but llama.cpp)")
     p.add_argument("--repetitions", "-r", type=_positive_int, default=3, metavar="N",
                    help="runs per measurement; the median is reported (default 3)")
     p.add_argument("--json", action="store_true", help="print JSON")

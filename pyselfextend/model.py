@@ -151,7 +151,9 @@ class LocalModel:
         n_ctx: KV cache capacity in tokens: the longest prompt plus generation.
         n_threads: CPU threads for compute (default: every core this process may use).
         n_batch: prompt tokens evaluated per graph run (at most ``n_ctx``; larger values are capped).
-        cache_type: ``"f16"`` (default, as llama.cpp) or ``"f32"`` for the KV cache.
+        cache_type: the KV cache's type: ``"f16"`` (default, as llama.cpp), ``"f32"`` or
+            ``"q8_0"`` (8.5 bits a value: about half f16's memory, logits close to f16's; needs a
+            head size that is a multiple of 32).
         group_size: SelfExtend G (default: the smallest that reaches ``n_ctx``).
         window: SelfExtend W, the neighbor window (default: a quarter of the trained context).
         selfextend: ``False`` for ordinary attention whatever ``n_ctx`` is.
