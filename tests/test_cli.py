@@ -195,3 +195,18 @@ def test_models_directory_that_is_a_file(tmp_path):
     r = run("generate", "--prompt", "hi", env={"PYSELFEXTEND_MODELS": str(f)})
     assert r.returncode == 1 and f"PYSELFEXTEND_MODELS={f} is a file, not a directory" in r.stderr
     assert "Traceback" not in r.stderr
+
+
+def test_cache_type_option(tiny_model):
+    model = str(tiny_model(n_embd=128, n_head=2, n_head_kv=1))  # head size 64: whole q8_0 blocks
+    kv = {}
+    for cache in ("f16", "q8_0"):
+        r = run("generate", "-m", model, "-p", "hi", "--ctx", "64k", "--no-selfextend", "-n", "4", "--temp", "0",
+                "--cache-type", cache)
+        assert r.returncode == 0, r.stderr
+        line = next(x for x in r.stderr.splitlines() if "KV cache" in x)
+        kv[cache] = float(line.split("KV cache ")[1].split(" MiB")[0])
+    assert kv["q8_0"] / kv["f16"] == pytest.approx(8.5 / 16, rel=0.05)
+    r = run("generate", "-m", model, "-p", "hi", "--cache-type", "q4_0")
+    assert r.returncode == 1 and "cache_type must be 'f16', 'f32' or 'q8_0', got 'q4_0'" in r.stderr
+    assert "Traceback" not in r.stderr
