@@ -37,11 +37,7 @@ int32_t selfextend_ring_size(int32_t group_size, int32_t window, attention_path 
     return (int32_t) ring;
 }
 
-std::vector<int64_t> ring_rows(int32_t lo, int32_t n, int32_t ring_size) {
-    std::vector<int64_t> rows(n);
-    for (int32_t i = 0; i < n; ++i) rows[i] = (lo + i) % ring_size;
-    return rows;
-}
+int32_t selfextend_first_neighbor(int32_t n_past, int32_t window) { return std::max(0, n_past - window + 1); }
 
 int32_t attention_graph_n_kv(const attention_config & cfg, int32_t n_past, int32_t n_tokens) {
     const int32_t n_kv = n_past + n_tokens;
@@ -53,13 +49,20 @@ bool attention_batch_fits(const attention_batch & b, int32_t n_past, int32_t n_t
     return n_tokens == b.n_tokens && attention_graph_n_kv(b.cfg, n_past, n_tokens) == b.n_kv;
 }
 
-std::vector<int32_t> ring_refill_rotation(int32_t lo, int32_t hi, int32_t group_size) {
-    std::vector<int32_t> delta(hi - lo);
-    for (int32_t j = lo; j < hi; ++j) delta[j - lo] = j - j / group_size;
-    return delta;
+namespace {
+
+// The ring rows of positions lo .. lo + n - 1.
+std::vector<int64_t> ring_rows(int32_t lo, int32_t n, int32_t ring_size) {
+    std::vector<int64_t> rows(n);
+    for (int32_t i = 0; i < n; ++i) rows[i] = (lo + i) % ring_size;
+    return rows;
 }
 
-namespace {
+// What depends on the batch's position (a reused graph gets a new one).
+void place_batch(attention_batch & b, int32_t n_past) {
+    b.n_past = b.se.n_past = n_past;
+    b.se.nb_lo = selfextend_first_neighbor(n_past, b.cfg.window);
+}
 
 ggml_tensor * new_input(ggml_context * ctx, ggml_type type, int64_t ne0, int64_t ne1, const char * name) {
     ggml_tensor * t = ne1 > 0 ? ggml_new_tensor_2d(ctx, type, ne0, ne1) : ggml_new_tensor_1d(ctx, type, ne0);
@@ -96,10 +99,19 @@ void build_ring_refill(ggml_context * ctx, ggml_cgraph * gf, kv_cache & cache, i
                                                 rows_in));
 }
 
+void set_ring_refill_inputs(ggml_tensor * pos_delta, ggml_tensor * rows, int32_t lo, int32_t hi, int32_t group_size,
+                            int32_t ring_size) {
+    std::vector<int32_t> delta(hi - lo);
+    for (int32_t j = lo; j < hi; ++j) delta[j - lo] = j - j / group_size;
+    set_input(pos_delta, delta);
+    set_input(rows, ring_rows(lo, hi - lo, ring_size));
+}
+
 void make_attention_batch(attention_batch & b, ggml_context * ctx, const attention_config & cfg,
                           int32_t n_head_kv, int32_t n_past, int32_t n_tokens) {
+    b = attention_batch();  // nothing left over from the graph this one replaces
     b.cfg = cfg;
-    b.n_past = n_past;
+    place_batch(b, n_past);
     b.n_tokens = n_tokens;
     b.n_kv = attention_graph_n_kv(cfg, n_past, n_tokens);
     b.n_head_kv = n_head_kv;
@@ -109,12 +121,9 @@ void make_attention_batch(attention_batch & b, ggml_context * ctx, const attenti
     b.mask = need_mask ? new_input(ctx, GGML_TYPE_F16, b.n_kv, n_tokens, "inp_kq_mask") : nullptr;
     if (!b.selfextend()) return;
 
-    const int32_t W = cfg.window;
-    b.se.n_past = n_past;
     b.se.n_tokens = n_tokens;
-    b.se.window = W;
+    b.se.window = cfg.window;
     b.se.scale = cfg.kq_scale;
-    b.se.nb_lo = std::max(0, n_past - W + 1);
     b.se.ring_size = cfg.path == attention_path::fused ? cfg.ring_size : 0;
     b.se.n_chunks = cfg.path == attention_path::fused
                         ? selfextend_choose_chunks(n_tokens, n_head_kv, b.n_kv, cfg.n_threads) : 1;
@@ -126,9 +135,7 @@ void make_attention_batch(attention_batch & b, ggml_context * ctx, const attenti
 }
 
 void set_attention_batch_inputs(attention_batch & b, int32_t n_past) {
-    // The graph may have been built for an earlier position: what depends on it is set here.
-    b.n_past = b.se.n_past = n_past;
-    b.se.nb_lo = std::max(0, n_past - b.cfg.window + 1);
+    place_batch(b, n_past);  // the graph may have been built for an earlier position
     const int32_t T = b.n_tokens, n_kv = b.n_kv, G = b.cfg.group_size, W = b.cfg.window;
     std::vector<int32_t> pos(T);
     std::vector<int64_t> rows(T);

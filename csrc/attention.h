@@ -84,11 +84,8 @@ int64_t selfextend_usable_length(int32_t n_ctx_train, int32_t group_size, int32_
 void check_selfextend(int32_t n_ctx, int32_t n_ctx_train, int32_t group_size, int32_t window);
 // Rows of the fused path's neighbor-key ring: the window plus one batch (0 when there is none).
 int32_t selfextend_ring_size(int32_t group_size, int32_t window, attention_path path, int32_t n_batch);
-// The rotation that takes cached (grouped) keys j in [lo, hi) to their own position: j - floor(j/G).
-std::vector<int32_t> ring_refill_rotation(int32_t lo, int32_t hi, int32_t group_size);
-
-// The ring rows of positions lo .. lo + n - 1: j % ring_size.
-std::vector<int64_t> ring_rows(int32_t lo, int32_t n, int32_t ring_size);
+// The first key that may be a neighbor of the query at position n_past: max(0, n_past - W + 1).
+int32_t selfextend_first_neighbor(int32_t n_past, int32_t window);
 
 void make_attention_batch(attention_batch & batch, ggml_context * ctx, const attention_config & cfg,
                           int32_t n_head_kv, int32_t n_past, int32_t n_tokens);
@@ -96,10 +93,13 @@ void make_attention_batch(attention_batch & batch, ggml_context * ctx, const att
 void set_attention_batch_inputs(attention_batch & batch, int32_t n_past);
 
 // Recomputes neighbor-ring rows [lo, hi) from the grouped keys in the cache (after a truncation
-// the ring may hold keys of positions that are gone). pos_delta: I32 [hi - lo], j - floor(j/G);
-// rows: I64 [hi - lo], ring_rows(lo, hi - lo, ring_size).
+// the ring may hold keys of positions that are gone). pos_delta: I32 [hi - lo], rows: I64 [hi - lo],
+// shared by every layer and filled by set_ring_refill_inputs once the graph is allocated.
 void build_ring_refill(ggml_context * ctx, ggml_cgraph * gf, kv_cache & cache, int il, int32_t lo, int32_t hi,
                        ggml_tensor * pos_delta, ggml_tensor * rows, const rope_params & rope_p, int32_t head_dim);
+// pos_delta: the rotation taking grouped key j to its own position, j - floor(j/G); rows: j's ring row.
+void set_ring_refill_inputs(ggml_tensor * pos_delta, ggml_tensor * rows, int32_t lo, int32_t hi, int32_t group_size,
+                            int32_t ring_size);
 
 // q: [D, n_head, n_tokens], k: [D, n_head_kv, n_tokens], v: [D * n_head_kv, n_tokens], all F32 and
 // not yet rotated. Returns [D * n_head, n_tokens].

@@ -313,6 +313,9 @@ PYBIND11_MODULE(_engine, m) {
         .def("apply_chat_template", &vocab::apply_chat_template, py::arg("messages"), py::arg("add_assistant"),
              py::arg("template_override") = "");
 
+    m.def("reference_needs_flash_attn", &reference_needs_flash_attn, py::arg("cache_type"),
+          "Whether llama.cpp runs a KV cache of this type only with flash attention on.");
+
     py::class_<reference_model>(m, "Reference", "llama.cpp's own forward pass, for parity tests and benchmarks.")
         .def(py::init<const std::string &, int32_t, int32_t, int32_t, bool, int32_t, bool, const std::string &>(),
              py::arg("path"), py::arg("n_ctx"), py::arg("n_batch"), py::arg("n_threads"), py::arg("flash_attn") = true,

@@ -97,7 +97,7 @@ void engine::truncate(int32_t n) {
         throw std::invalid_argument("truncate(" + std::to_string(n) + "): the cache holds " + std::to_string(cache_.n_past) + " tokens");
     }
     if (ring_size_ > 0) {
-        const int32_t need = std::max(0, n - params_.window + 1);  // the window of the next query
+        const int32_t need = selfextend_first_neighbor(n, params_.window);  // the window of the next query
         const int32_t have = std::min(ring_lo_, n);
         if (need < have) refill_ring(need, have);
         ring_lo_ = std::min(need, have);
@@ -155,10 +155,7 @@ void engine::refill_ring(int32_t lo, int32_t hi) {
         ggml_free(ctx);
         throw std::runtime_error("cannot allocate the ring refill graph");
     }
-    const std::vector<int32_t> delta = ring_refill_rotation(lo, hi, params_.group_size);
-    ggml_backend_tensor_set(pos, delta.data(), 0, delta.size() * sizeof(int32_t));
-    const std::vector<int64_t> ring = ring_rows(lo, hi - lo, ring_size_);
-    ggml_backend_tensor_set(rows, ring.data(), 0, ring.size() * sizeof(int64_t));
+    set_ring_refill_inputs(pos, rows, lo, hi, params_.group_size, ring_size_);
     const ggml_status status = ggml_backend_graph_compute(backend_.get(), gf);
     ggml_free(ctx);
     if (status != GGML_STATUS_SUCCESS) throw std::runtime_error("ring refill failed");

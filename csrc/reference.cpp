@@ -12,13 +12,17 @@
 
 namespace pse {
 
+bool reference_needs_flash_attn(const std::string & cache_type) {
+    return ggml_is_quantized(kv_cache::type_from_name(cache_type));
+}
+
 reference_model::reference_model(const std::string & path, int32_t n_ctx, int32_t n_batch, int32_t n_threads,
                                  bool flash_attn, int32_t grp_attn_n, bool repack, const std::string & cache_type)
     : n_ctx_(n_ctx), n_batch_(n_batch), grp_n_(grp_attn_n) {
     if (n_ctx < 1 || n_batch < 1) throw std::invalid_argument("n_ctx and n_batch must be >= 1");
     check_thread_count(n_threads);
     const ggml_type type = kv_cache::type_from_name(cache_type);  // the same names as the engine's
-    if (ggml_is_quantized(type) && !flash_attn) {
+    if (reference_needs_flash_attn(cache_type) && !flash_attn) {
         throw std::invalid_argument("llama.cpp runs a quantized V cache ('" + cache_type + "') only with flash attention");
     }
     if (grp_attn_n < 1 || n_batch % grp_attn_n != 0) {

@@ -18,7 +18,7 @@ public:
     // only the current batch keeps exact positions. A long-context baseline, not SelfExtend.
     // repack: llama.cpp's default, weights of some types (Q4_0, Q4_K, IQ4_NL, ...) rearranged for
     // its faster CPU kernels, which sum in another order; false keeps them as in the file.
-    // cache_type: as the engine's (kv_cache::type_from_name); a quantized one needs flash_attn.
+    // cache_type: as the engine's (kv_cache::type_from_name); see reference_needs_flash_attn.
     reference_model(const std::string & path, int32_t n_ctx, int32_t n_batch, int32_t n_threads, bool flash_attn,
                     int32_t grp_attn_n = 1, bool repack = true, const std::string & cache_type = "f16");
     ~reference_model();
@@ -47,6 +47,9 @@ private:
 // llama-quantize does: its mix of types per tensor, or with `pure` the one type wherever a tensor's
 // rows fit its blocks (others get a fallback type either way). For tests and benchmarks of every
 // weight type from one real model.
+// Whether llama.cpp runs a KV cache of this type only with flash attention (a quantized V cache).
+bool reference_needs_flash_attn(const std::string & cache_type);
+
 void quantize_model(const std::string & src, const std::string & dst, const std::string & type, int32_t n_threads,
                     bool pure = false);
 std::vector<std::string> quantize_types();

@@ -159,6 +159,7 @@ def _measure(engines: List[str], path: str, threads: int, cache_type: str, depth
 
 
 def run_bench(args: argparse.Namespace) -> int:
+    from . import _engine
     from .model import _default_threads
     from .models import resolve_model
 
@@ -167,11 +168,11 @@ def run_bench(args: argparse.Namespace) -> int:
     depths = sorted(set(args.depths))
     if args.engines is not None:
         engines = [e.strip() for e in args.engines.split(",")]
-    elif args.cache_type in ("f16", "f32"):
+    elif not _engine.reference_needs_flash_attn(args.cache_type):
         engines = list(ENGINES)
     else:
         engines = [e for e in ENGINES if e != "llama.cpp"]
-        print("bench: llama.cpp runs a quantized V cache only with flash attention: engine llama.cpp left out",
+        print(f"bench: llama.cpp runs a {args.cache_type} KV cache only with flash attention: engine llama.cpp left out",
               file=sys.stderr)
     for e in engines:
         if e not in ENGINES:
