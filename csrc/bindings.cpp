@@ -1,4 +1,5 @@
 // pyselfextend._engine: the C++ engine as a Python extension. Compute runs without the GIL.
+#include "devices.h"
 #include "engine.h"
 #include "host.h"
 #include "reference.h"
@@ -84,7 +85,7 @@ py::array_t<float> attention_probe(py::array_t<float, py::array::c_style | py::a
                                    py::array_t<float, py::array::c_style | py::array::forcecast> v, int32_t group_size,
                                    int32_t window, int32_t n_batch, const std::string & cache_type,
                                    const std::string & path, float freq_base, int32_t n_threads,
-                                   int32_t decode_tail, const std::string & rope_mode) {
+                                   int32_t decode_tail, const std::string & rope_mode, const std::string & device) {
     if (q.ndim() != 3 || k.ndim() != 3 || v.ndim() != 3) throw std::invalid_argument("q, k, v must be [n, heads, D]");
     const int32_t n = (int32_t) q.shape(0), n_head = (int32_t) q.shape(1), D = (int32_t) q.shape(2);
     const int32_t n_head_kv = (int32_t) k.shape(1);
@@ -98,17 +99,18 @@ py::array_t<float> attention_probe(py::array_t<float, py::array::c_style | py::a
     hp.n_head = n_head;
     hp.n_head_kv = n_head_kv;
     hp.head_dim = D;
-    ggml_backend_t backend = ggml_backend_cpu_init();
-    ggml_backend_cpu_set_n_threads(backend, n_threads);
+    const std::vector<ggml_backend_dev_t> devices = resolve_devices(device);
+    if (path == "fused" && !is_cpu(devices[0])) throw std::invalid_argument("attention_probe: the fused kernel runs on the CPU only");
+    graph_runner runner(devices, n_threads, 1024, nullptr);
     std::vector<float> result((size_t) n * n_head * D);
     {
         kv_cache cache;
         const attention_path apath = path == "portable" ? attention_path::portable : attention_path::fused;
-        cache.init(hp, n, kv_cache::type_from_name(cache_type), selfextend_ring_size(group_size, window, apath, n_batch));
-        require_memory(cache.bytes_needed(backend), "attention_probe's cache");
-        cache.allocate(backend);
+        cache.init(hp, n, kv_cache::type_from_name(cache_type), selfextend_ring_size(group_size, window, apath, n_batch),
+                   {ggml_backend_dev_buffer_type(devices[0])});
+        require_device_memory(devices[0], cache.bytes_needed(), "attention_probe's cache");
+        cache.allocate();
         cache.zero();
-        ggml_gallocr_t galloc = ggml_gallocr_new(ggml_backend_get_default_buffer_type(backend));
         std::vector<uint8_t> meta(ggml_tensor_overhead() * 256 + ggml_graph_overhead());
         rope_params rope;
         rope.n_rot = D;
@@ -127,7 +129,8 @@ py::array_t<float> attention_probe(py::array_t<float, py::array::c_style | py::a
             // The last decode_tail tokens go one at a time, as in generation.
             const int32_t T = done >= n - decode_tail ? 1 : std::min(n_batch, n - decode_tail - done);
             ggml_init_params ip = {meta.size(), meta.data(), true};
-            ggml_context * ctx = ggml_init(ip);
+            ggml_context_ptr ctx_holder(ggml_init(ip));
+            ggml_context * ctx = ctx_holder.get();
             ggml_cgraph * gf = ggml_new_graph(ctx);
             ggml_tensor * tq = ggml_new_tensor_3d(ctx, GGML_TYPE_F32, D, n_head, T);
             ggml_tensor * tk = ggml_new_tensor_3d(ctx, GGML_TYPE_F32, D, n_head_kv, T);
@@ -138,20 +141,18 @@ py::array_t<float> attention_probe(py::array_t<float, py::array::c_style | py::a
             ggml_tensor * out = build_attention(ctx, gf, cache, 0, batch, rope, tq, tk, tv, cfg.kq_scale);
             ggml_set_output(out);
             ggml_build_forward_expand(gf, out);
-            ggml_gallocr_alloc_graph(galloc, gf);
+            runner.check_placement(gf, "attention_probe");
+            runner.allocate(gf, "attention_probe");
             ggml_backend_tensor_set(tq, q.data() + (size_t) done * n_head * D, 0, ggml_nbytes(tq));
             ggml_backend_tensor_set(tk, k.data() + (size_t) done * n_head_kv * D, 0, ggml_nbytes(tk));
             ggml_backend_tensor_set(tv, v.data() + (size_t) done * n_head_kv * D, 0, ggml_nbytes(tv));
             set_attention_batch_inputs(batch, done);
-            ggml_backend_graph_compute(backend, gf);
+            runner.compute(gf, "attention_probe");
             ggml_backend_tensor_get(out, result.data() + (size_t) done * n_head * D, 0, ggml_nbytes(out));
-            ggml_free(ctx);
             cache.n_past += T;
             done += T;
         }
-        ggml_gallocr_free(galloc);
     }
-    ggml_backend_free(backend);
     auto arr = to_array(std::move(result), n, (int64_t) n_head * D);
     return arr.reshape({(py::ssize_t) n, (py::ssize_t) n_head, (py::ssize_t) D});
 }
@@ -168,8 +169,16 @@ PYBIND11_MODULE(_engine, m) {
     set_verbose_logging(false);
 
     py::class_<gguf_model, std::shared_ptr<gguf_model>>(m, "Model", "A GGUF model file, validated and memory-mapped.")
-        .def(py::init([](const std::string & path) { return std::shared_ptr<gguf_model>(load_gguf_model(path)); }),
-             py::arg("path"), py::call_guard<py::gil_scoped_release>())
+        .def(py::init([](const std::string & path, const std::string & device) {
+                 return std::shared_ptr<gguf_model>(load_gguf_model(path, resolve_devices(device)));
+             }),
+             py::arg("path"), py::arg("device") = "cpu", py::call_guard<py::gil_scoped_release>(),
+             "Loads path for device (devices.h: 'auto', 'cpu', 'vulkan', 'vulkan:1', 'rpc:HOST:PORT,...').")
+        .def_property_readonly("devices", [](const gguf_model & g) {
+            std::vector<std::string> out;
+            for (ggml_backend_dev_t d : g.devices) out.push_back(device_spec(d));
+            return out;
+        }, "Where the layers run, in order (several RPC servers split them evenly).")
         .def_property_readonly("path", [](const gguf_model & g) { return g.path; })
         .def_property_readonly("arch", [](const gguf_model & g) { return g.hp.arch; })
         .def_property_readonly("name", [](const gguf_model & g) { return g.hp.name; })
@@ -278,7 +287,7 @@ PYBIND11_MODULE(_engine, m) {
     m.def("_attention_probe", &attention_probe, py::arg("q"), py::arg("k"), py::arg("v"), py::arg("group_size"),
           py::arg("window"), py::arg("n_batch"), py::arg("cache_type") = "f32", py::arg("attention_path") = "fused",
           py::arg("freq_base") = 10000.0f, py::arg("n_threads") = 2, py::arg("decode_tail") = 0,
-          py::arg("rope_mode") = "normal", py::call_guard<py::gil_scoped_release>(),
+          py::arg("rope_mode") = "normal", py::arg("device") = "cpu", py::call_guard<py::gil_scoped_release>(),
           "Test hook: the attention seam alone, over q, k, v of shape [n, heads, D] (not rotated).");
     m.def("_quantize", &quantize_model, py::arg("src"), py::arg("dst"), py::arg("type"), py::arg("n_threads") = 2,
           py::arg("pure") = false, py::call_guard<py::gil_scoped_release>(),
@@ -312,6 +321,25 @@ PYBIND11_MODULE(_engine, m) {
         .def_property_readonly("chat_template", &vocab::chat_template)
         .def("apply_chat_template", &vocab::apply_chat_template, py::arg("messages"), py::arg("add_assistant"),
              py::arg("template_override") = "");
+
+    m.def("devices", [] {
+              py::list out;
+              for (const device_info & d : available_devices()) {
+                  py::dict e;
+                  e["name"] = d.name;
+                  e["spec"] = d.spec;
+                  e["description"] = d.description;
+                  e["type"] = d.type;
+                  e["memory_free"] = d.memory_free;
+                  e["memory_total"] = d.memory_total;
+                  out.append(e);
+              }
+              return out;
+          }, "The devices this build can run on now (dicts: name, spec, description, type, memory_free, memory_total).");
+    m.def("rpc_available", [] { return ggml_backend_reg_by_name("RPC") != nullptr; },
+          "Whether this build has ggml's RPC backend (CMAKE_ARGS=\"-DGGML_RPC=ON\").");
+    m.def("serve_rpc", &serve_rpc, py::arg("endpoint"), py::arg("n_threads"), py::call_guard<py::gil_scoped_release>(),
+          "Serves this machine's CPU to ggml RPC clients at HOST:PORT until the process ends.");
 
     m.def("reference_needs_flash_attn", &reference_needs_flash_attn, py::arg("cache_type"),
           "Whether llama.cpp runs a KV cache of this type only with flash attention on.");

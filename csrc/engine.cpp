@@ -1,8 +1,7 @@
 #include "engine.h"
 
+#include "devices.h"
 #include "host.h"
-
-#include "ggml-cpu.h"
 
 #include <algorithm>
 #include <chrono>
@@ -28,53 +27,62 @@ engine::engine(std::shared_ptr<gguf_model> model, const engine_params & params)
         rope_override_.freq_scale_mul = 1.0f / params_.rope_factor;
         rope_override_.ext_factor = params_.scaling == engine_params::rope_scaling::yarn ? 1.0f : 0.0f;
     }
-    backend_.reset(ggml_backend_cpu_init());
-    if (!backend_.get()) throw std::runtime_error("cannot initialise the ggml CPU backend");
-    ggml_backend_cpu_set_n_threads(backend_.get(), params_.n_threads);
+    // The fused kernel is a CPU custom op; on any other device SelfExtend takes the portable path.
+    if (params_.path == engine_params::path_choice::fused && !model_->on_cpu()) {
+        throw std::invalid_argument("attention_path='fused' runs on the CPU only; this model runs on " +
+                                    device_spec(model_->devices[0]) + " (use 'auto' or 'portable')");
+    }
+    path_ = params_.path == engine_params::path_choice::portable || !model_->on_cpu() ? attention_path::portable
+                                                                                     : attention_path::fused;
+    const size_t max_nodes = llama_graph_max_nodes(*model_);
+    runner_ = std::make_unique<graph_runner>(model_->devices, params_.n_threads, 2 * max_nodes, &abort_);
     threads_now_ = params_.n_threads;
-    // The fused kernel is a CPU custom op; any other backend runs the portable path.
-    path_ = params_.path == engine_params::path_choice::portable ||
-                    (params_.path == engine_params::path_choice::automatic && !ggml_backend_is_cpu(backend_.get()))
-                ? attention_path::portable : attention_path::fused;
-    ggml_backend_cpu_set_abort_callback(backend_.get(), [](void * data) { return ((std::atomic<bool> *) data)->load(); }, &abort_);
     ring_size_ = selfextend_ring_size(G, W, path_, params_.n_batch);
-    cache_.init(model_->hp, params_.n_ctx, params_.cache_type, ring_size_);
+    std::vector<ggml_backend_buffer_type_t> layer_buft;
+    for (int il = 0; il < model_->hp.n_layer; ++il) {
+        layer_buft.push_back(ggml_backend_dev_buffer_type(model_->devices[model_->layer_device[il]]));
+    }
+    cache_.init(model_->hp, params_.n_ctx, params_.cache_type, ring_size_, layer_buft);
     // The weights (mapped), the cache and the compute buffers must fit together.
-    cache_bytes_ = cache_.bytes_needed(backend_.get());
+    cache_bytes_ = cache_.bytes_needed();
     const std::string what = "n_ctx=" + std::to_string(params_.n_ctx) + " with batches of " +
                              std::to_string(params_.n_batch) + " tokens";
     const std::string cache_what = "an " + std::string(ggml_type_name(params_.cache_type)) + " KV cache of " +
                                    format_bytes(cache_bytes_) + " (" + format_bytes(cache_bytes_ / params_.n_ctx * 1024) +
                                    " per 1k tokens)";
-    require_memory(model_->file_size + cache_bytes_, what + ": weights " + format_bytes(model_->file_size) + " and " +
-                                                     cache_what);
-    cache_.allocate(backend_.get());  // not touched yet: the memory is still available to the check below
-    galloc_.reset(ggml_gallocr_new(ggml_backend_get_default_buffer_type(backend_.get())));
-    const size_t max_nodes = llama_graph_max_nodes(*model_);
+    for (ggml_backend_dev_t dev : runner_->devices()) {
+        const size_t weights = is_cpu(dev) ? model_->file_size : 0;
+        require_device_memory(dev, weights + cache_.bytes_needed(ggml_backend_dev_buffer_type(dev)),
+                              what + ": weights " + format_bytes(weights) + " and " + cache_what);
+    }
+    cache_.allocate();  // not touched yet: the memory is still available to the check below
     graph_meta_.resize(ggml_tensor_overhead() * max_nodes + ggml_graph_overhead_custom(max_nodes, false));
-    compute_bytes_ = measure_compute_bytes();
-    require_memory(model_->file_size + cache_bytes_ + compute_bytes_,
-                   what + ": weights " + format_bytes(model_->file_size) + ", " + cache_what + " and compute buffers of " +
-                   format_bytes(compute_bytes_));
+    compute_bytes_ = check_compute_graph(what, cache_what);
     cache_.zero();
 }
 
-size_t engine::measure_compute_bytes() {
+size_t engine::check_compute_graph(const std::string & what, const std::string & cache_what) {
     // The largest graph: a full batch at the end of the context, every row's logits (as eval
     // with all_logits asks).
     ggml_init_params ip = {graph_meta_.size(), graph_meta_.data(), /*no_alloc =*/ true};
-    ggml_context * ctx = ggml_init(ip);
+    ggml_context_ptr ctx(ggml_init(ip));
     llama_graph_inputs in;
     const int32_t n_tokens = params_.n_batch;
-    ggml_cgraph * gf = build_llama_graph(ctx, *model_, cache_, attention_cfg(), rope_override_,
+    ggml_cgraph * gf = build_llama_graph(ctx.get(), *model_, cache_, attention_cfg(), rope_override_,
                                          params_.n_ctx - n_tokens, n_tokens, n_tokens, in);
-    size_t bytes = 0;
-    // A measuring allocator of its own: after a size-only reserve, an allocator believes its
-    // (never allocated) buffer fits any graph of the same shape.
-    ggml_gallocr_ptr measure(ggml_gallocr_new(ggml_backend_get_default_buffer_type(backend_.get())));
-    ggml_gallocr_reserve_n_size(measure.get(), gf, nullptr, nullptr, &bytes);
-    ggml_free(ctx);
-    return bytes;
+    runner_->check_placement(gf, "cache_type='" + std::string(ggml_type_name(params_.cache_type)) + "' on " +
+                                     device_spec(model_->devices[0]));
+    size_t total = 0;
+    for (const auto & dev_bytes : runner_->measure(gf)) {
+        ggml_backend_dev_t dev = dev_bytes.first;
+        const size_t weights = is_cpu(dev) ? model_->file_size : 0;
+        const size_t cache = cache_.bytes_needed(ggml_backend_dev_buffer_type(dev));
+        require_device_memory(dev, weights + cache + dev_bytes.second,
+                              what + ": weights " + format_bytes(weights) + ", " + cache_what + " and compute buffers of " +
+                              format_bytes(dev_bytes.second));
+        total += dev_bytes.second;
+    }
+    return total;
 }
 
 attention_config engine::attention_cfg() const {
@@ -88,8 +96,8 @@ attention_config engine::attention_cfg() const {
     return attn;
 }
 
-// Members are released in reverse order of declaration: the cache's buffer, then the allocator,
-// then the backend (also when the constructor throws).
+// Members are released in reverse order of declaration: the cache's buffers, then the runner's
+// backends (also when the constructor throws).
 engine::~engine() = default;
 
 void engine::truncate(int32_t n) {
@@ -141,7 +149,8 @@ void engine::write_state(int32_t n, const uint8_t * src, size_t size) {
 void engine::refill_ring(int32_t lo, int32_t hi) {
     drop_graph();  // its descriptors and buffers are about to be reused
     ggml_init_params ip = {graph_meta_.size(), graph_meta_.data(), /*no_alloc =*/ true};
-    ggml_context * ctx = ggml_init(ip);
+    ggml_context_ptr ctx_holder(ggml_init(ip));
+    ggml_context * ctx = ctx_holder.get();
     ggml_cgraph * gf = ggml_new_graph_custom(ctx, llama_graph_max_nodes(*model_), false);
     ggml_tensor * pos = ggml_new_tensor_1d(ctx, GGML_TYPE_I32, hi - lo);
     ggml_tensor * rows = ggml_new_tensor_1d(ctx, GGML_TYPE_I64, hi - lo);
@@ -151,21 +160,16 @@ void engine::refill_ring(int32_t lo, int32_t hi) {
     for (int il = 0; il < model_->hp.n_layer; ++il) {
         build_ring_refill(ctx, gf, cache_, il, lo, hi, pos, rows, rope, model_->hp.head_dim);
     }
-    if (!ggml_gallocr_alloc_graph(galloc_.get(), gf)) {
-        ggml_free(ctx);
-        throw std::runtime_error("cannot allocate the ring refill graph");
-    }
+    runner_->allocate(gf, "the ring refill");
     set_ring_refill_inputs(pos, rows, lo, hi, params_.group_size, ring_size_);
-    const ggml_status status = ggml_backend_graph_compute(backend_.get(), gf);
-    ggml_free(ctx);
-    if (status != GGML_STATUS_SUCCESS) throw std::runtime_error("ring refill failed");
+    runner_->compute(gf, "the ring refill");
 }
 
 void engine::set_n_threads(int32_t n_threads) {
     check_thread_count(n_threads);
     params_.n_threads = n_threads;
     threads_now_ = n_threads;
-    ggml_backend_cpu_set_n_threads(backend_.get(), n_threads);
+    runner_->set_n_threads(n_threads);
 }
 
 void engine::adapt_threads() {
@@ -177,7 +181,7 @@ void engine::adapt_threads() {
     const int32_t n = threads_that_can_run(params_.n_threads);
     if (n != threads_now_) {
         threads_now_ = n;
-        ggml_backend_cpu_set_n_threads(backend_.get(), n);
+        runner_->set_n_threads(n);
     }
 }
 
@@ -185,10 +189,6 @@ void engine::eval_batch(const int32_t * tokens, int32_t n_tokens, int32_t n_outp
                         const std::vector<std::string> * capture_names, std::vector<std::vector<float>> * captured) {
     const int32_t n_past = cache_.n_past;
     std::vector<ggml_tensor *> copies;
-    // A capture graph gets an allocator of its own (the shared one would reuse the last graph's
-    // plan for a graph of the same shape, in which the captured tensors' memory was reused early)
-    // and is not kept.
-    ggml_gallocr_ptr own_alloc;
     const bool reuse = params_.reuse_graphs && graph_ && !capture_names && graph_n_outputs_ == n_outputs &&
                        attention_batch_fits(graph_in_.attn, n_past, n_tokens);
     if (!reuse) {
@@ -209,10 +209,13 @@ void engine::eval_batch(const int32_t * tokens, int32_t n_tokens, int32_t n_outp
             ggml_build_forward_expand(gf, copy);
             copies.push_back(copy);
         }
-        if (capture_names) own_alloc.reset(ggml_gallocr_new(ggml_backend_get_default_buffer_type(backend_.get())));
-        if (!ggml_gallocr_alloc_graph(own_alloc ? own_alloc.get() : galloc_.get(), gf)) {
+        try {
+            // A capture graph, and the first graph after one, get a plan of their own (see allocate).
+            runner_->allocate(gf, "a batch of " + std::to_string(n_tokens) + " tokens", capture_names || planned_capture_);
+            planned_capture_ = capture_names != nullptr;
+        } catch (...) {
             drop_graph();
-            throw std::runtime_error("cannot allocate compute buffers for a batch of " + std::to_string(n_tokens));
+            throw;
         }
         graph_ = gf;
         graph_n_outputs_ = n_outputs;
@@ -224,17 +227,18 @@ void engine::eval_batch(const int32_t * tokens, int32_t n_tokens, int32_t n_outp
     if (ring_size_ > 0) ring_lo_ = std::max(ring_lo_, n_past + n_tokens - ring_size_);
 
     adapt_threads();
-    const ggml_status status = ggml_backend_graph_compute(backend_.get(), graph_);
-    if (status == GGML_STATUS_SUCCESS && in.logits && logits_out) {
-        ggml_backend_tensor_get(in.logits, logits_out, 0, ggml_nbytes(in.logits));
+    try {
+        runner_->compute(graph_, "the graph of a batch");
+    } catch (...) {
+        if (capture_names) drop_graph();
+        throw;
     }
+    if (in.logits && logits_out) ggml_backend_tensor_get(in.logits, logits_out, 0, ggml_nbytes(in.logits));
     for (ggml_tensor * copy : copies) {
         captured->emplace_back(ggml_nelements(copy));
-        if (status == GGML_STATUS_SUCCESS) ggml_backend_tensor_get(copy, captured->back().data(), 0, ggml_nbytes(copy));
+        ggml_backend_tensor_get(copy, captured->back().data(), 0, ggml_nbytes(copy));
     }
     if (capture_names) drop_graph();
-    if (status == GGML_STATUS_ABORTED) throw eval_aborted("evaluation stopped");
-    if (status != GGML_STATUS_SUCCESS) throw std::runtime_error("graph computation failed");
     cache_.n_past += n_tokens;
 }
 

@@ -1,10 +1,9 @@
-// The engine: a loaded model, its KV cache and a CPU backend. eval() runs batches through the graph.
+// The engine: a loaded model, its KV cache (on the devices that run the model's layers) and a graph
+// runner. eval() runs batches through the graph.
 #pragma once
 
+#include "graph_runner.h"
 #include "llama_graph.h"
-
-#include "ggml-alloc.h"
-#include "ggml-cpp.h"
 
 #include <atomic>
 #include <chrono>
@@ -22,7 +21,7 @@ struct engine_params {
     ggml_type cache_type = GGML_TYPE_F16;
     int32_t group_size = 1;   // SelfExtend G; 1 = ordinary attention
     int32_t window = 0;       // SelfExtend W
-    // SelfExtend scores: fused CPU kernel or portable ggml ops; auto picks by backend.
+    // SelfExtend scores: fused CPU kernel or portable ggml ops; auto picks by device.
     enum class path_choice { automatic, fused, portable } path = path_choice::automatic;
     // Baselines for long contexts, with ordinary attention: RoPE position interpolation ("linear",
     // positions divided by rope_factor) or YaRN, both through ggml_rope_ext.
@@ -40,12 +39,6 @@ struct engine_params {
 
 // Called after each batch with (tokens done, tokens total); returning false stops the eval.
 using progress_fn = std::function<bool(int64_t, int64_t)>;
-
-// Thrown when a progress callback or abort() stopped an eval. The cache then holds the batches
-// that completed, so the caller may reset() or keep going.
-struct eval_aborted : std::runtime_error {
-    using std::runtime_error::runtime_error;
-};
 
 class engine {
 public:
@@ -82,18 +75,18 @@ public:
 private:
     std::shared_ptr<gguf_model> model_;
     engine_params params_;
-    ggml_backend_ptr backend_;
-    ggml_gallocr_ptr galloc_;
+    std::atomic<bool> abort_{false};
+    std::unique_ptr<graph_runner> runner_;
     kv_cache cache_;
     std::vector<uint8_t> graph_meta_;  // memory for tensor and graph descriptors
-    // The last batch's graph, kept while nothing else has used graph_meta_ and galloc_: a batch
+    // The last batch's graph, kept while nothing else has used graph_meta_ and the runner: a batch
     // it fits (decoding, mostly; see attention_graph_n_kv) only sets new inputs and runs it, as
     // llama.cpp reuses its graphs; building and allocating would cost ~10% of a small model's step.
     ggml_context_ptr graph_ctx_;
     ggml_cgraph * graph_ = nullptr;
     int32_t graph_n_outputs_ = 0;
     llama_graph_inputs graph_in_;  // the fused kernel's parameters live here, at a fixed address
-    std::atomic<bool> abort_{false};
+    bool planned_capture_ = false;  // the runner's allocation plan is a capture graph's
     attention_path path_ = attention_path::fused;  // resolved from params_.path
     int32_t ring_size_ = 0;                         // neighbor-key ring rows (fused SelfExtend)
     // The ring holds the keys of positions [ring_lo_, n_past) as computed: a truncation rebuilds
@@ -110,7 +103,9 @@ private:
     void drop_graph() { graph_ = nullptr; graph_ctx_.reset(); }
     void refill_ring(int32_t lo, int32_t hi);
     attention_config attention_cfg() const;
-    size_t measure_compute_bytes();  // compute buffer bytes of the largest batch graph
+    // Checks that the devices can run the largest batch's graph and that its compute buffers fit
+    // beside the cache; returns their bytes.
+    size_t check_compute_graph(const std::string & what, const std::string & cache_what);
 
     void eval_batch(const int32_t * tokens, int32_t n_tokens, int32_t n_outputs, float * logits_out,
                     const std::vector<std::string> * capture_names = nullptr,

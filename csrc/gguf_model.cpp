@@ -2,6 +2,10 @@
 #include "models/model_arch.h"
 
 
+#include "devices.h"
+#include "host.h"
+
+#include "ggml-alloc.h"
 #include "ggml-cpu.h"
 
 #include <algorithm>
@@ -530,7 +534,93 @@ std::vector<std::string> gguf_model::weight_types() const {
     return out;
 }
 
-std::unique_ptr<gguf_model> load_gguf_model(const std::string & path) {
+// Whether dev can run the operation that uses weight w (a matrix multiplication, or the
+// elementwise product/sum of a norm or bias), as llama.cpp asks before placing a weight.
+static bool device_runs_weight(ggml_backend_dev_t dev, ggml_tensor * w) {
+    ggml_init_params ip = {ggml_tensor_overhead() * 4, nullptr, /*no_alloc =*/ true};
+    ggml_context_ptr ctx(ggml_init(ip));
+    ggml_tensor * x = ggml_new_tensor_2d(ctx.get(), GGML_TYPE_F32, w->ne[0], 512);
+    ggml_tensor * op = w->ne[1] > 1 ? ggml_mul_mat(ctx.get(), w, x) : ggml_mul(ctx.get(), x, w);
+    return ggml_backend_dev_supports_op(dev, op);
+}
+
+// Points every tensor at its bytes in the mapping (the page cache holds the weights once) or, for
+// a layer that runs on another device, copies it into that device's buffer.
+static void place_weights(gguf_model & m, std::vector<ggml_backend_dev_t> devices, size_t data_offset) {
+    ggml_backend_dev_t cpu = ggml_backend_dev_by_type(GGML_BACKEND_DEVICE_TYPE_CPU);
+    if (devices.empty()) devices = {cpu};
+    m.devices = devices;
+    m.layer_device.resize(m.hp.n_layer);
+    // Layers split evenly among the devices, in order.
+    for (int il = 0; il < m.hp.n_layer; ++il) m.layer_device[il] = (int) ((int64_t) il * devices.size() / m.hp.n_layer);
+    std::unordered_map<const ggml_tensor *, int> where;  // tensor -> device index; absent: the mapping
+    if (!m.on_cpu()) {
+        const auto put = [&](ggml_tensor * t, int d) {
+            if (t && (devices[d] == cpu || device_runs_weight(devices[d], t))) where[t] = d;
+        };
+        for (int il = 0; il < m.hp.n_layer; ++il) {
+            const llama_layer & L = m.layers[il];
+            for (ggml_tensor * t : {L.attn_norm, L.wq, L.wk, L.wv, L.wo, L.bq, L.bk, L.bv, L.bo, L.wqkv, L.bqkv,
+                                    L.attn_q_norm, L.attn_k_norm, L.ffn_norm, L.ffn_gate, L.ffn_up, L.ffn_down}) {
+                put(t, m.layer_device[il]);
+            }
+        }
+        const int last = (int) devices.size() - 1;
+        if (m.output == m.token_embd) {
+            // Tied embeddings: the output head gets a descriptor of its own, so that it can run on
+            // the device while the embedding lookup reads the mapping.
+            ggml_init_params ip = {ggml_tensor_overhead(), nullptr, /*no_alloc =*/ true};
+            m.extra_ctx.reset(ggml_init(ip));
+            m.output = ggml_dup_tensor(m.extra_ctx.get(), m.token_embd);
+            ggml_set_name(m.output, "output.weight");
+        }
+        put(m.output_norm, last);
+        put(m.output, last);
+        put(m.rope_freqs, 0);
+    }
+
+    const gguf_context * g = m.gguf;
+    const auto file_bytes = [&](const ggml_tensor * t) {
+        const int64_t id = gguf_find_tensor(g, t == m.output && m.extra_ctx ? m.token_embd->name : t->name);
+        return (const char *) m.mapping + data_offset + gguf_get_tensor_offset(g, id);
+    };
+    m.weights = ggml_backend_cpu_buffer_from_ptr(m.mapping, m.file_size);
+    ggml_backend_buffer_set_usage(m.weights, GGML_BACKEND_BUFFER_USAGE_WEIGHTS);
+    for (ggml_tensor * t = ggml_get_first_tensor(m.ctx); t; t = ggml_get_next_tensor(m.ctx, t)) {
+        if (where.count(t)) continue;
+        // ggml never writes to weight buffers; the cast drops const only to satisfy the buffer API.
+        if (ggml_backend_tensor_alloc(m.weights, t, (void *) file_bytes(t)) != GGML_STATUS_SUCCESS) {
+            fail(m.path, std::string("cannot place tensor '") + t->name + "'");
+        }
+    }
+    std::vector<ggml_tensor *> copied;  // in the file's order
+    for (ggml_tensor * t = ggml_get_first_tensor(m.ctx); t; t = ggml_get_next_tensor(m.ctx, t)) {
+        if (where.count(t)) copied.push_back(t);
+    }
+    if (m.extra_ctx && where.count(m.output)) copied.push_back(m.output);
+    for (size_t d = 0; d < devices.size(); ++d) {
+        ggml_backend_buffer_type_t buft = ggml_backend_dev_buffer_type(devices[d]);
+        const size_t align = ggml_backend_buft_get_alignment(buft);
+        size_t bytes = 0;
+        for (ggml_tensor * t : copied) {
+            if (where[t] == (int) d) bytes += GGML_PAD(ggml_backend_buft_get_alloc_size(buft, t), align);
+        }
+        if (bytes == 0) continue;
+        require_device_memory(devices[d], bytes, "the weights of " + m.path + " on " + device_spec(devices[d]));
+        ggml_backend_buffer_ptr buf(ggml_backend_buft_alloc_buffer(buft, bytes));
+        if (!buf) throw not_enough_memory("cannot allocate " + format_bytes(bytes) + " for the weights on " + device_spec(devices[d]));
+        ggml_backend_buffer_set_usage(buf.get(), GGML_BACKEND_BUFFER_USAGE_WEIGHTS);
+        ggml_tallocr alloc = ggml_tallocr_new(buf.get());
+        for (ggml_tensor * t : copied) {
+            if (where[t] != (int) d) continue;
+            if (ggml_tallocr_alloc(&alloc, t) != GGML_STATUS_SUCCESS) fail(m.path, std::string("cannot place tensor '") + t->name + "'");
+            ggml_backend_tensor_set(t, file_bytes(t), 0, ggml_nbytes(t));
+        }
+        m.device_weights.push_back(std::move(buf));
+    }
+}
+
+std::unique_ptr<gguf_model> load_gguf_model(const std::string & path, const std::vector<ggml_backend_dev_t> & devices) {
     auto m = std::make_unique<gguf_model>();
     m->path = path;
     {
@@ -719,17 +809,7 @@ std::unique_ptr<gguf_model> load_gguf_model(const std::string & path) {
 
     check_vocab_metadata(path, g, hp.n_vocab);
 
-    // Point every tensor at its bytes in the mapping: the page cache holds the weights once.
-    // ggml never writes to weight buffers; the cast drops const only to satisfy the buffer API.
-    m->weights = ggml_backend_cpu_buffer_from_ptr(m->mapping, m->file_size);
-    ggml_backend_buffer_set_usage(m->weights, GGML_BACKEND_BUFFER_USAGE_WEIGHTS);
-    for (int64_t i = 0; i < n_tensors; ++i) {
-        ggml_tensor * t = ggml_get_tensor(m->ctx, gguf_get_tensor_name(g, i));
-        char * data = (char *) m->mapping + data_offset + gguf_get_tensor_offset(g, i);
-        if (ggml_backend_tensor_alloc(m->weights, t, data) != GGML_STATUS_SUCCESS) {
-            fail(path, std::string("cannot place tensor '") + t->name + "'");
-        }
-    }
+    place_weights(*m, devices, data_offset);
     return m;
 }
 

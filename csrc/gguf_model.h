@@ -3,6 +3,7 @@
 
 #include "ggml.h"
 #include "ggml-backend.h"
+#include "ggml-cpp.h"
 #include "gguf.h"
 
 #include <cstdint>
@@ -44,7 +45,8 @@ struct llama_layer {
 
 struct model_arch;
 
-// A loaded model. Weight tensors point into the mmapped file through a CPU backend buffer.
+// A loaded model. On the CPU, weight tensors point into the mmapped file through a CPU backend
+// buffer; on another device, its layers' tensors are copies in that device's memory.
 struct gguf_model {
     std::string path;
     size_t file_size = 0;
@@ -54,7 +56,14 @@ struct gguf_model {
     gguf_context * gguf = nullptr;      // metadata
     ggml_context * ctx  = nullptr;      // tensor descriptors (no data of its own)
     void * mapping      = nullptr;      // the whole file, read-only
-    ggml_backend_buffer_t weights = nullptr;
+    ggml_backend_buffer_t weights = nullptr;  // the mapping, as a CPU buffer
+    // Where each layer runs: devices[layer_device[il]]. The CPU alone, or the devices the model was
+    // loaded for (several RPC servers split the layers); token_embd stays in the mapping, as
+    // llama.cpp keeps its input layer on the CPU, and output goes to the last device.
+    std::vector<ggml_backend_dev_t> devices;
+    std::vector<int> layer_device;
+    std::vector<ggml_backend_buffer_ptr> device_weights;  // one per device that holds weights
+    ggml_context_ptr extra_ctx;                            // a tied output's own descriptor (off the CPU)
 
     ggml_tensor * token_embd  = nullptr;
     ggml_tensor * output_norm = nullptr;
@@ -62,6 +71,7 @@ struct gguf_model {
     ggml_tensor * rope_freqs  = nullptr;  // optional per-dimension frequency factors (llama 3)
     std::vector<llama_layer> layers;
 
+    bool on_cpu() const { return devices.size() == 1 && devices[0] == ggml_backend_dev_by_type(GGML_BACKEND_DEVICE_TYPE_CPU); }
     int64_t n_params() const;
     std::vector<std::string> weight_types() const;  // distinct ggml type names, most common first
 
@@ -74,8 +84,10 @@ struct gguf_model {
 // Opens and validates a GGUF file. Throws std::invalid_argument with a message "path: problem"
 // (missing file, not GGUF, truncated or corrupt header, unsupported architecture or tensor type,
 // bad shape, unused tensor, out-of-range hyperparameter or token id, inconsistent vocabulary)
-// before anything reaches a ggml assert.
-std::unique_ptr<gguf_model> load_gguf_model(const std::string & path);
+// before anything reaches a ggml assert. devices (devices.h; empty: the CPU) is where the layers
+// run; copying to a device that lacks the memory throws not_enough_memory.
+std::unique_ptr<gguf_model> load_gguf_model(const std::string & path,
+                                            const std::vector<ggml_backend_dev_t> & devices = {});
 
 // What libllama's vocabulary loader reads, checked so that it cannot abort on a bad file: the GGUF
 // structure (as above) and the tokenizer metadata (tokenizer model, token list, scores, types,

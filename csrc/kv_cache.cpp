@@ -1,13 +1,9 @@
 #include "kv_cache.h"
 
+#include <algorithm>
 #include <stdexcept>
 
 namespace pse {
-
-kv_cache::~kv_cache() {
-    if (buffer) ggml_backend_buffer_free(buffer);
-    if (ctx) ggml_free(ctx);
-}
 
 ggml_type kv_cache::type_from_name(const std::string & name) {
     if (name == "f16") return GGML_TYPE_F16;
@@ -20,7 +16,8 @@ ggml_type kv_cache::type_from_name(const std::string & name) {
 
 ggml_type kv_cache::ring_type() const { return ggml_is_quantized(type) ? GGML_TYPE_F16 : type; }
 
-void kv_cache::init(const llama_hparams & hp, int32_t n_ctx_, ggml_type type_, int32_t ring_size_) {
+void kv_cache::init(const llama_hparams & hp, int32_t n_ctx_, ggml_type type_, int32_t ring_size_,
+                    const std::vector<ggml_backend_buffer_type_t> & layer_buft) {
     type_from_name(ggml_type_name(type_));  // the same rule for a type given as ggml's
     // A head is read as a row of its own (attention views, the fused kernel): whole blocks only.
     if (hp.head_dim % ggml_blck_size(type_) != 0) {
@@ -33,10 +30,15 @@ void kv_cache::init(const llama_hparams & hp, int32_t n_ctx_, ggml_type type_, i
     n_past = 0;
     n_embd_kv = (int64_t) hp.head_dim * hp.n_head_kv;
 
-    ggml_init_params params = {/*mem_size =*/ ggml_tensor_overhead() * (size_t) (3 * hp.n_layer + 1),
-                               /*mem_buffer =*/ nullptr, /*no_alloc =*/ true};
-    ctx = ggml_init(params);
     for (int il = 0; il < hp.n_layer; ++il) {
+        if (std::find(bufts.begin(), bufts.end(), layer_buft[il]) != bufts.end()) continue;
+        ggml_init_params params = {/*mem_size =*/ ggml_tensor_overhead() * (size_t) (3 * hp.n_layer + 1),
+                                   /*mem_buffer =*/ nullptr, /*no_alloc =*/ true};
+        bufts.push_back(layer_buft[il]);
+        ctxs.emplace_back(ggml_init(params));
+    }
+    for (int il = 0; il < hp.n_layer; ++il) {
+        ggml_context * ctx = ctxs[std::find(bufts.begin(), bufts.end(), layer_buft[il]) - bufts.begin()].get();
         k.push_back(ggml_new_tensor_2d(ctx, type, n_embd_kv, n_ctx));
         v.push_back(ggml_new_tensor_2d(ctx, type, n_embd_kv, n_ctx));
         ggml_format_name(k.back(), "cache_k_l%d", il);
@@ -49,20 +51,38 @@ void kv_cache::init(const llama_hparams & hp, int32_t n_ctx_, ggml_type type_, i
     ring_size = ring_size_;
 }
 
-size_t kv_cache::bytes_needed(ggml_backend_t backend) const {
-    return ggml_backend_alloc_ctx_tensors_from_buft_size(ctx, ggml_backend_get_default_buffer_type(backend));
+size_t kv_cache::bytes_needed(ggml_backend_buffer_type_t buft) const {
+    for (size_t i = 0; i < bufts.size(); ++i) {
+        if (bufts[i] == buft) return ggml_backend_alloc_ctx_tensors_from_buft_size(ctxs[i].get(), buft);
+    }
+    return 0;
 }
 
-void kv_cache::allocate(ggml_backend_t backend) {
-    buffer = ggml_backend_alloc_ctx_tensors(ctx, backend);
-    if (!buffer) throw std::runtime_error("cannot allocate the KV cache (" + std::to_string(n_ctx) + " tokens)");
+size_t kv_cache::bytes_needed() const {
+    size_t bytes = 0;
+    for (ggml_backend_buffer_type_t buft : bufts) bytes += bytes_needed(buft);
+    return bytes;
+}
+
+void kv_cache::allocate() {
+    for (size_t i = 0; i < bufts.size(); ++i) {
+        buffers.emplace_back(ggml_backend_alloc_ctx_tensors_from_buft(ctxs[i].get(), bufts[i]));
+        if (!buffers.back()) {
+            throw std::runtime_error("cannot allocate the KV cache (" + std::to_string(n_ctx) + " tokens) in " +
+                                     ggml_backend_buft_name(bufts[i]));
+        }
+    }
 }
 
 void kv_cache::zero() {
     // Unwritten cells are never read unmasked, but zeros keep any masked-out product finite.
-    ggml_backend_buffer_clear(buffer, 0);
+    for (const ggml_backend_buffer_ptr & b : buffers) ggml_backend_buffer_clear(b.get(), 0);
 }
 
-size_t kv_cache::bytes() const { return buffer ? ggml_backend_buffer_get_size(buffer) : 0; }
+size_t kv_cache::bytes() const {
+    size_t bytes = 0;
+    for (const ggml_backend_buffer_ptr & b : buffers) bytes += ggml_backend_buffer_get_size(b.get());
+    return bytes;
+}
 
 }  // namespace pse

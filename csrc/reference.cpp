@@ -31,6 +31,10 @@ reference_model::reference_model(const std::string & path, int32_t n_ctx, int32_
     check_vocab_file(path);  // libllama asserts on some corrupt files: check what it reads first
     llama_backend_init();
     llama_model_params mp = llama_model_default_params();
+    // llama.cpp on the CPU alone, also in a build with a GPU backend: an empty device list, no layers
+    // and no operations offloaded.
+    static ggml_backend_dev_t no_devices[] = {nullptr};
+    mp.devices = no_devices;
     mp.n_gpu_layers = 0;
     mp.use_extra_bufts = repack;
     model_ = llama_model_load_from_file(path.c_str(), mp);
@@ -58,6 +62,7 @@ reference_model::reference_model(const std::string & path, int32_t n_ctx, int32_
     cp.type_k = type;
     cp.type_v = type;
     cp.no_perf = true;
+    cp.op_offload = false;
     ctx_ = llama_init_from_model(model_, cp);
     if (!ctx_) {
         llama_model_free(model_);

@@ -3,11 +3,11 @@
 The main entry point is :class:`LocalModel`; the ``pyselfextend`` command wraps it for the shell.
 """
 from ._engine import EvalAborted, NotEnoughMemory
-from .model import LocalModel
+from .model import LocalModel, devices
 from .models import default_model_name, models_dir, pull
 from .sampling import SamplingParams
 from .state import CorruptState, StateMismatch
 
-__all__ = ["LocalModel", "SamplingParams", "EvalAborted", "NotEnoughMemory", "StateMismatch", "CorruptState", "pull",
+__all__ = ["LocalModel", "devices", "SamplingParams", "EvalAborted", "NotEnoughMemory", "StateMismatch", "CorruptState", "pull",
            "models_dir", "default_model_name"]
 __version__ = "0.1.0"

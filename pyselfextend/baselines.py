@@ -81,8 +81,8 @@ class LlamaCppGroupAttention:
 
 
 def open_method(path: Optional[Union[str, Path]], n_ctx: int, n_threads: Optional[int] = None, n_batch: int = 512, *,
-                grp_attn_n: Optional[int] = None, cache_type: str = "f16", verbose: bool = False,
-                **attention) -> Union[LocalModel, LlamaCppGroupAttention]:
+                grp_attn_n: Optional[int] = None, cache_type: str = "f16", device: str = "auto",
+                verbose: bool = False, **attention) -> Union[LocalModel, LlamaCppGroupAttention]:
     """The model for one long-context method: llama.cpp's group attention when ``grp_attn_n`` is
     given, otherwise ``LocalModel`` with ``attention`` (its group_size, window, selfextend,
     rope_scaling and rope_factor arguments).
@@ -95,9 +95,12 @@ def open_method(path: Optional[Union[str, Path]], n_ctx: int, n_threads: Optiona
                                                        ("group_size", "window", "rope_scaling", "rope_factor")):
             raise ValueError("llama.cpp's group attention (grp_attn_n) cannot be combined with group_size, window, "
                              "selfextend=False or rope_scaling: it is a method of its own")
+        if device not in ("auto", "cpu"):
+            raise ValueError("llama.cpp's group attention (grp_attn_n) runs on the CPU only, not on device "
+                             f"{device!r}")
         return LlamaCppGroupAttention(resolve_model(None if path is None else str(path)), n_ctx, grp_attn_n, n_threads,
                                       n_batch, cache_type)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         return LocalModel(path, n_ctx=n_ctx, n_threads=n_threads, n_batch=n_batch, cache_type=cache_type,
-                          verbose=verbose, **attention)
+                          device=device, verbose=verbose, **attention)

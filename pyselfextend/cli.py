@@ -40,6 +40,8 @@ examples:
   pyselfextend passkey --lengths 4k,12k --depths 0.1,0.5,0.9
   pyselfextend bench --threads 2
   pyselfextend serve --ctx 16k --port 8080
+  pyselfextend info --devices
+  pyselfextend rpc-server --port 50052 &  pyselfextend generate --device rpc:127.0.0.1:50052 --prompt Hi
 
 environment:
   PYSELFEXTEND_MODELS      where pulled models are stored (default ~/.cache/pyselfextend/models)
@@ -148,6 +150,13 @@ def _add_cache_type_arg(p: argparse.ArgumentParser) -> None:
                    help="KV cache type: f16 (default), f32 or q8_0 (about half f16's memory)")
 
 
+def _add_device_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--device", "-d", default="auto", metavar="DEVICE",
+                   help="where the model runs: auto (default: the first GPU of this build, else the CPU), cpu, "
+                        "metal, vulkan, cuda (vulkan:1 for the second), or rpc:HOST:PORT[,HOST:PORT...] for "
+                        "RPC servers ('pyselfextend rpc-server'); 'pyselfextend info --devices' lists them")
+
+
 def _add_selfextend_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--group-size", "-G", type=_positive_int, default=None, metavar="G",
                    help="SelfExtend group size (default: the smallest that reaches --ctx)")
@@ -230,9 +239,11 @@ def _open_model(args: argparse.Namespace, n_ctx: int, n_batch: int = 512):
                                    or args.rope_scaling is not None):
         raise ValueError("--grp-attn-n cannot be combined with --group-size/--window, --no-selfextend or --rope-scaling")
     llm = open_method(args.model, n_ctx, args.threads, n_batch, grp_attn_n=grp_attn_n, cache_type=args.cache_type,
-                      verbose=args.verbose, group_size=args.group_size, window=args.window,
+                      device=args.device, verbose=args.verbose, group_size=args.group_size, window=args.window,
                       selfextend=args.selfextend, rope_scaling=args.rope_scaling, rope_factor=args.rope_factor)
     print(f"pyselfextend: {llm.plan.describe()}", file=sys.stderr)
+    if getattr(llm, "devices", ["cpu"]) != ["cpu"]:
+        print(f"pyselfextend: running on {', '.join(llm.devices)}", file=sys.stderr)
     memory = getattr(llm, "memory", None)  # LocalModel's; the llama.cpp baseline has its own
     if memory:
         print(f"pyselfextend: memory {_mib(sum(memory.values()))}: weights {_mib(memory['weights'])}, KV cache "
@@ -334,8 +345,20 @@ def cmd_pull(args: argparse.Namespace) -> int:
 def cmd_info(args: argparse.Namespace) -> int:
     from . import _engine
     from .context import plan_context
-    from .model import model_facts
+    from .model import devices, model_facts
 
+    if args.devices:
+        found = devices()
+        if args.json:
+            print(json.dumps({"devices": found, "rpc": _engine.rpc_available()}, indent=2))
+            return 0
+        for d in found:
+            memory = f"{d['memory_total'] / 2**30:.1f} GiB, {d['memory_free'] / 2**30:.1f} GiB free" \
+                if d["memory_total"] else "memory unknown"
+            print(f"{d['spec']:<10}  {d['type']:<5}  {d['description']} ({memory})")
+        print("rpc:HOST:PORT  llama.cpp RPC servers ('pyselfextend rpc-server')" if _engine.rpc_available()
+              else "rpc: not in this build (CMAKE_ARGS=\"-DGGML_RPC=ON\")")
+        return 0
     m = _engine.Model(str(models.resolve_model(args.model)))
     info = model_facts(m)
     if args.ctx is not None:
@@ -466,11 +489,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--ctx", "-c", type=parse_size, default=None, metavar="N",
                    help="also show the attention set-up for a context of N tokens (e.g. 16k)")
     _add_selfextend_args(p)
+    p.add_argument("--devices", action="store_true",
+                   help="list the devices this build can run on (for --device) instead of a model")
     p.add_argument("--json", action="store_true", help="print JSON")
     p.set_defaults(func=cmd_info)
 
     p = sub.add_parser("generate", help="continue a prompt", description="Continue a prompt; the text goes to stdout.")
     _add_model_args(p)
+    _add_device_arg(p)
     _add_cache_type_arg(p)
     _add_generation_args(p)
     p.add_argument("--special", action="store_true",
@@ -488,6 +514,7 @@ def build_parser() -> argparse.ArgumentParser:
                                    "prompt (or Ctrl-D) leaves. Message text stays text: special-token spellings "
                                    "in documents and questions are not parsed.")
     _add_model_args(p)
+    _add_device_arg(p)
     _add_cache_type_arg(p)
     _add_generation_args(p)
     p.add_argument("--system", metavar="TEXT", help="the system message")
@@ -511,6 +538,7 @@ def build_parser() -> argparse.ArgumentParser:
                                    "disconnects ends its request; Ctrl-C or SIGTERM end the running requests and "
                                    "stop the server. Needs: pip install 'pyselfextend[server]'.")
     _add_model_args(p)
+    _add_device_arg(p)
     _add_cache_type_arg(p)
     p.add_argument("--ctx", "-c", type=parse_size, default=4096, metavar="N",
                    help="context size: the longest prompt + reply (default 4096; accepts 16k)")
@@ -550,6 +578,7 @@ def build_parser() -> argparse.ArgumentParser:
                                    "tokens, overall and per bucket of positions, so that the behaviour past the "
                                    "trained context is visible.")
     _add_model_args(p)
+    _add_device_arg(p)
     _add_cache_type_arg(p)
     p.add_argument("--file", "-f", required=True, metavar="FILE", help="the document (UTF-8 text)")
     p.add_argument("--ctx", "-c", type=parse_size, default=4096, metavar="N", help="tokens to evaluate (default 4096)")
@@ -601,7 +630,37 @@ def build_parser() -> argparse.ArgumentParser:
                    help="runs per measurement; the median is reported (default 3)")
     p.add_argument("--json", action="store_true", help="print JSON")
     p.set_defaults(func=cmd_bench)
+
+    p = sub.add_parser("rpc-server", help="serve this machine's CPU to other machines' models (ggml RPC)",
+                       description="Serve this machine's CPU as a device for models run elsewhere: ggml's RPC "
+                                   "server, the same protocol as llama.cpp's rpc-server of the pinned version. A "
+                                   "client runs 'pyselfextend generate --device rpc:HOST:PORT ...' (several servers, "
+                                   "comma-separated, split the model's layers); the weights and the KV cache of "
+                                   "those layers then live here. One client at a time. The protocol has no "
+                                   "authentication or encryption: serve on 127.0.0.1 or a network you trust. "
+                                   "Runs until Ctrl-C or SIGTERM.")
+    p.add_argument("--host", default="127.0.0.1",
+                   help="address to listen on (default 127.0.0.1: this machine only)")
+    p.add_argument("--port", type=_int_in(1, 65535, "a port number"), default=50052, help="TCP port (default 50052)")
+    p.add_argument("--threads", "-t", type=_positive_int, default=None, metavar="N",
+                   help="CPU threads for the clients' computations (default: all available)")
+    p.set_defaults(func=cmd_rpc_server)
     return parser
+
+
+def cmd_rpc_server(args: argparse.Namespace) -> int:
+    import signal
+
+    from . import _engine
+    from .model import _default_threads
+
+    if args.host != "127.0.0.1":
+        print(f"pyselfextend: warning: serving on {args.host}; ggml's RPC protocol has no authentication, so "
+              "anyone who can reach this port can use this machine", file=sys.stderr)
+    # The server waits in C without returning to Python: let Ctrl-C end the process at once.
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+    _engine.serve_rpc(f"{args.host}:{args.port}", args.threads or _default_threads())
+    return 1
 
 
 def main(argv: Optional[List[str]] = None) -> int:

@@ -19,6 +19,13 @@ ProgressCallback = Callable[[int, int], Optional[bool]]
 PathLike = Union[str, "os.PathLike[str]"]
 
 
+def devices() -> List[Dict[str, object]]:
+    """The devices this build can run on now, for ``LocalModel(device=...)``: dicts with ``spec``
+    (what to pass), ``name``, ``description``, ``type`` (cpu, gpu, igpu) and ``memory_free`` /
+    ``memory_total`` in bytes. RPC servers are not listed: they are named by address."""
+    return list(_engine.devices())
+
+
 def model_facts(model: "_engine.Model") -> Dict[str, object]:
     """Architecture, sizes and weight types of a loaded GGUF file, as ``info`` shows them."""
     m = model
@@ -161,8 +168,13 @@ class LocalModel:
             ``"linear"`` (position interpolation) or ``"yarn"``, by ``rope_factor`` (default
             ``n_ctx`` / trained context).
         rope_factor: see ``rope_scaling``.
-        attention_path: how SelfExtend scores are computed: ``"auto"`` (the fused kernel on the CPU
-            backend, standard ggml ops on any other), ``"fused"`` or ``"portable"``.
+        attention_path: how SelfExtend scores are computed: ``"auto"`` (the fused kernel on the CPU,
+            standard ggml ops on any other device), ``"fused"`` or ``"portable"``.
+        device: where the layers and the KV cache live: ``"auto"`` (the first GPU this build has,
+            else the CPU), ``"cpu"``, ``"metal"``, ``"vulkan"``, ``"cuda"`` (``"vulkan:1"``: the
+            second), or ``"rpc:HOST:PORT"`` for llama.cpp RPC servers (``pyselfextend rpc-server``;
+            several, comma-separated, split the layers). ``pyselfextend.devices()`` lists what this
+            build offers. Operations a device cannot run fall back to the CPU.
         adaptive_threads: run fewer compute threads while other processes keep cores busy (the
             results do not change; ``False`` keeps ``n_threads`` always, as for benchmarks).
         verbose: print libllama/ggml log messages to stderr.
@@ -193,6 +205,7 @@ class LocalModel:
         rope_scaling: Optional[str] = None,
         rope_factor: Optional[float] = None,
         adaptive_threads: bool = True,
+        device: str = "auto",
         verbose: bool = False,
     ) -> None:
         # Types here; every range (n_ctx, n_batch, threads, cache type, attention path, memory) is
@@ -200,13 +213,15 @@ class LocalModel:
         n_ctx = _require_int("n_ctx", n_ctx)
         n_batch = _require_int("n_batch", n_batch)
         n_threads = _default_threads() if n_threads is None else _require_int("n_threads", n_threads)
-        for name, value in (("cache_type", cache_type), ("attention_path", attention_path)):
+        for name, value in (("cache_type", cache_type), ("attention_path", attention_path), ("device", device)):
             if not isinstance(value, str):
                 raise TypeError(f"{name} must be a string, got {value!r}")
 
         self.path: Path = resolve_model(None if path is None else os.fspath(path))
         _engine.set_verbose(verbose)
-        self._model = _engine.Model(str(self.path))
+        self._model = _engine.Model(str(self.path), device)
+        #: Where the layers run, one spec per device (``["cpu"]``, ``["vulkan:0"]``, ...).
+        self.devices: List[str] = list(self._model.devices)
         self._vocab = _engine.Vocab(str(self.path))
         #: How attention is set up for ``n_ctx``: SelfExtend's group size and window, usable length.
         self.plan: ContextPlan = plan_context(n_ctx, self._model.n_ctx_train, group_size, window, selfextend,

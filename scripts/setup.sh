@@ -23,7 +23,9 @@ echo "setup: installing build and test requirements" >&2
     "scikit-build-core>=0.10" "pybind11>=2.12" "cmake>=3.21" ninja "numpy>=1.23" "pytest>=7" "gguf>=0.10" \
     "matplotlib>=3.5" "build>=1.0" "pexpect>=4.8" \
     "starlette>=0.37" "uvicorn>=0.29" "openai>=1.30" "httpx>=0.27"
-if [ ! -d build ]; then
+# PYSELFEXTEND_BUILD_DIR: another build directory (scripts/test-vulkan.sh keeps a Vulkan build apart).
+BUILD_DIR="${PYSELFEXTEND_BUILD_DIR:-build}"
+if [ ! -d "$BUILD_DIR" ]; then
     echo "setup: building pyselfextend; the first build fetches the pinned llama.cpp source and compiles" \
          "ggml and libllama: a few minutes on two cores" >&2
 else
@@ -32,5 +34,5 @@ fi
 # --no-build-isolation: build with the tools just installed, so that the persistent build
 # directory sees the same compiler tool paths every time and stays valid.
 "$PY" -m pip install --disable-pip-version-check -q --no-build-isolation \
-    --config-settings=build-dir="build/{cache_tag}" -e . 1>&2
+    --config-settings=build-dir="$BUILD_DIR/{cache_tag}" -e . 1>&2
 echo "setup: done ($("$PY" -c 'import pyselfextend; print("pyselfextend", pyselfextend.__version__)'))" >&2

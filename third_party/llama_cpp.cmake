@@ -99,6 +99,11 @@ if (CMAKE_SYSTEM_PROCESSOR MATCHES "x86_64|AMD64|amd64" AND NOT DEFINED CACHE{GG
         set(${_isa} ON CACHE BOOL "" FORCE)
     endforeach()
 endif()
+# ggml's RPC backend is small and needs nothing but sockets: every build can use llama.cpp RPC
+# servers as devices (and serve as one), and CI has a non-CPU backend to test.
+if (NOT DEFINED CACHE{GGML_RPC})
+    set(GGML_RPC ON CACHE BOOL "" FORCE)
+endif()
 # ggml's own options (GGML_NATIVE, GGML_METAL, GGML_CUDA, GGML_VULKAN, ...) pass through untouched:
 # -DGGML_CUDA=ON on the command line or in CMAKE_ARGS reaches ggml as it would reach llama.cpp.
 
