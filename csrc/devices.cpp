@@ -4,7 +4,9 @@
 
 #include "ggml-rpc.h"
 
+#include <arpa/inet.h>
 #include <netdb.h>
+#include <netinet/in.h>
 #include <poll.h>
 #include <sys/socket.h>
 #include <sys/time.h>
@@ -15,6 +17,8 @@
 #include <cerrno>
 #include <cstring>
 #include <fcntl.h>
+#include <mutex>
+#include <set>
 #include <stdexcept>
 
 namespace pse {
@@ -80,7 +84,8 @@ void split_endpoint(const std::string & endpoint, std::string & host, int & port
 // capabilities, all zero: no transport upgrade; the reply is the protocol version and the
 // server's capabilities), so that ggml's client, which aborts on failure, only meets a server
 // that answers. Throws std::invalid_argument saying what went wrong.
-void probe_rpc_server(const std::string & endpoint) {
+// Returns the server's numeric address, "IP:PORT".
+std::string probe_rpc_server(const std::string & endpoint) {
     std::string host;
     int port = 0;
     split_endpoint(endpoint, host, port);
@@ -91,6 +96,9 @@ void probe_rpc_server(const std::string & endpoint) {
     if (getaddrinfo(host.c_str(), std::to_string(port).c_str(), &hints, &found) != 0 || !found) {
         throw std::invalid_argument("RPC server " + endpoint + ": cannot resolve host '" + host + "'");
     }
+    char ip[INET_ADDRSTRLEN] = "";
+    inet_ntop(AF_INET, &((const sockaddr_in *) found->ai_addr)->sin_addr, ip, sizeof(ip));
+    const std::string address = std::string(ip) + ":" + std::to_string(port);
     const int fd = socket(found->ai_family, found->ai_socktype, found->ai_protocol);
     if (fd < 0) {
         freeaddrinfo(found);
@@ -129,13 +137,20 @@ void probe_rpc_server(const std::string & endpoint) {
     uint8_t reply[8 + 4 + caps];
     size_t got = 0;
     if (send(fd, request, sizeof(request), MSG_NOSIGNAL) != (ssize_t) sizeof(request)) fail("cannot send a greeting");
+    bool timed_out = false;
     while (got < sizeof(reply)) {
         const ssize_t n = recv(fd, reply + got, sizeof(reply) - got, 0);
+        if (n < 0 && errno == EINTR) continue;
+        timed_out = n < 0 && (errno == EAGAIN || errno == EWOULDBLOCK);
         if (n <= 0) break;
         got += (size_t) n;
     }
     uint64_t reply_size = 0;
     std::memcpy(&reply_size, reply, 8);
+    if (got == 0 && timed_out) {
+        fail("no answer within 5 s: an RPC server serves one client at a time, so it may be busy with another "
+             "(or it is not an RPC server)");
+    }
     if (got != sizeof(reply) || reply_size != 4 + caps) {
         fail("no answer in ggml RPC's protocol " + std::to_string(RPC_PROTO_MAJOR_VERSION) +
              ".x (a different server, or an rpc-server of another llama.cpp version)");
@@ -147,7 +162,11 @@ void probe_rpc_server(const std::string & endpoint) {
              " (use an rpc-server from the same ggml version, or pyselfextend rpc-server)");
     }
     close(fd);
+    return address;
 }
+
+// ggml's scheduler takes at most 16 backends, the CPU's among them.
+constexpr size_t max_devices = 15;
 
 std::vector<ggml_backend_dev_t> rpc_devices(const std::string & endpoints) {
     ggml_backend_reg_t reg = ggml_backend_reg_by_name("RPC");
@@ -156,23 +175,38 @@ std::vector<ggml_backend_dev_t> rpc_devices(const std::string & endpoints) {
     }
     using add_server_fn = ggml_backend_reg_t (*)(const char *);
     auto add_server = (add_server_fn) ggml_backend_reg_get_proc_address(reg, "ggml_backend_rpc_add_server");
+    // Addresses this process has connected to: ggml keeps one connection per address while
+    // anything of it (a model's weights, an engine) lives, and the server, serving one client at a
+    // time, would not answer a second greeting while it does.
+    static std::mutex mutex;
+    static std::set<std::string> connected;
+    std::lock_guard<std::mutex> lock(mutex);
     std::vector<ggml_backend_dev_t> out;
+    std::set<std::string> named;
     size_t start = 0;
     while (start <= endpoints.size()) {
         const size_t comma = std::min(endpoints.find(',', start), endpoints.size());
         const std::string endpoint = endpoints.substr(start, comma - start);
-        probe_rpc_server(endpoint);
-        ggml_backend_reg_t server = add_server(endpoint.c_str());
+        std::string host;
+        int port = 0;
+        split_endpoint(endpoint, host, port);
+        std::string address = endpoint;
+        if (!connected.count(endpoint)) address = probe_rpc_server(endpoint);
+        if (!named.insert(address).second) throw std::invalid_argument("RPC server " + endpoint + " is named twice");
+        // By its numeric address: ggml's client keys its connections by the text it is given, and
+        // two names of one server would open two connections, the second waiting forever.
+        ggml_backend_reg_t server = add_server(address.c_str());
+        connected.insert(endpoint);
+        connected.insert(address);
         if (!server || ggml_backend_reg_dev_count(server) == 0) {
             throw std::invalid_argument("RPC server " + endpoint + " offers no device");
         }
-        for (ggml_backend_dev_t dev : devices_of(server)) {
-            if (std::find(out.begin(), out.end(), dev) != out.end()) {
-                throw std::invalid_argument("RPC server " + endpoint + " is named twice");
-            }
-            out.push_back(dev);
-        }
+        for (ggml_backend_dev_t dev : devices_of(server)) out.push_back(dev);
         start = comma + 1;
+    }
+    if (out.size() > max_devices) {
+        throw std::invalid_argument("the RPC servers offer " + std::to_string(out.size()) + " devices; at most " +
+                                    std::to_string(max_devices) + " can be used together");
     }
     return out;
 }
@@ -264,6 +298,11 @@ void serve_rpc(const std::string & endpoint, int n_threads) {
     std::string host;
     int port = 0;
     split_endpoint(endpoint, host, port);
+    in_addr parsed;
+    if (inet_pton(AF_INET, host.c_str(), &parsed) != 1) {
+        throw std::invalid_argument("an RPC server listens on a numeric IPv4 address (127.0.0.1, 0.0.0.0, ...), not '" +
+                                    host + "'");
+    }
     ggml_backend_reg_t reg = ggml_backend_reg_by_name("RPC");
     if (!reg) throw std::runtime_error("this build has no RPC backend; rebuild with CMAKE_ARGS=\"-DGGML_RPC=ON\"");
     using start_fn = void (*)(const char *, const char *, size_t, size_t, ggml_backend_dev_t *);

@@ -5,6 +5,7 @@
 
 #include <algorithm>
 #include <chrono>
+#include <set>
 #include <stdexcept>
 #include <string>
 
@@ -51,7 +52,7 @@ engine::engine(std::shared_ptr<gguf_model> model, const engine_params & params)
                                    format_bytes(cache_bytes_) + " (" + format_bytes(cache_bytes_ / params_.n_ctx * 1024) +
                                    " per 1k tokens)";
     for (ggml_backend_dev_t dev : runner_->devices()) {
-        const size_t weights = is_cpu(dev) ? model_->file_size : 0;
+        const size_t weights = is_cpu(dev) ? model_->mapped_bytes : 0;  // a device's copies were checked when loaded
         require_device_memory(dev, weights + cache_.bytes_needed(ggml_backend_dev_buffer_type(dev)),
                               what + ": weights " + format_bytes(weights) + " and " + cache_what);
     }
@@ -75,8 +76,10 @@ size_t engine::check_compute_graph(const std::string & what, const std::string &
     size_t total = 0;
     for (const auto & dev_bytes : runner_->measure(gf)) {
         ggml_backend_dev_t dev = dev_bytes.first;
-        const size_t weights = is_cpu(dev) ? model_->file_size : 0;
-        const size_t cache = cache_.bytes_needed(ggml_backend_dev_buffer_type(dev));
+        // The cache is allocated by now: a device's free memory counts it, the host's (Linux's
+        // MemAvailable, pages not yet touched) does not.
+        const size_t weights = is_cpu(dev) ? model_->mapped_bytes : 0;
+        const size_t cache = is_cpu(dev) ? cache_.bytes_needed(ggml_backend_dev_buffer_type(dev)) : 0;
         require_device_memory(dev, weights + cache + dev_bytes.second,
                               what + ": weights " + format_bytes(weights) + ", " + cache_what + " and compute buffers of " +
                               format_bytes(dev_bytes.second));
@@ -250,6 +253,10 @@ std::vector<std::vector<float>> engine::capture(const std::vector<int32_t> & tok
     for (int32_t t : tokens) {
         if (t < 0 || t >= model_->hp.n_vocab) throw std::invalid_argument("capture: token id outside the vocabulary");
     }
+    // Each name adds a node: a few distinct ones fit the graph's room.
+    if (names.size() > 16 || std::set<std::string>(names.begin(), names.end()).size() != names.size()) {
+        throw std::invalid_argument("capture: at most 16 distinct tensor names");
+    }
     std::vector<std::vector<float>> out;
     eval_batch(tokens.data(), (int32_t) n, 0, nullptr, &names, &out);
     return out;
@@ -278,6 +285,8 @@ std::vector<float> engine::eval(const std::vector<int32_t> & tokens, bool all_lo
         float * dst = all_logits ? logits.data() + (size_t) done * n_vocab : (last ? logits.data() : nullptr);
         eval_batch(tokens.data() + done, nb, n_out, dst);
         done += nb;
+        // Only the CPU backend looks at abort_ during a graph; other devices stop between batches.
+        if (abort_ && done < n) throw eval_aborted("evaluation stopped");
         if (progress && !progress(done, n) && done < n) throw eval_aborted("evaluation stopped by the progress callback");
     }
     return logits;

@@ -566,7 +566,7 @@ static void place_weights(gguf_model & m, std::vector<ggml_backend_dev_t> device
             }
         }
         const int last = (int) devices.size() - 1;
-        if (m.output == m.token_embd) {
+        if (m.output == m.token_embd && device_runs_weight(devices[last], m.token_embd)) {
             // Tied embeddings: the output head gets a descriptor of its own, so that it can run on
             // the device while the embedding lookup reads the mapping.
             ggml_init_params ip = {ggml_tensor_overhead(), nullptr, /*no_alloc =*/ true};
@@ -586,8 +586,10 @@ static void place_weights(gguf_model & m, std::vector<ggml_backend_dev_t> device
     };
     m.weights = ggml_backend_cpu_buffer_from_ptr(m.mapping, m.file_size);
     ggml_backend_buffer_set_usage(m.weights, GGML_BACKEND_BUFFER_USAGE_WEIGHTS);
+    m.mapped_bytes = 0;
     for (ggml_tensor * t = ggml_get_first_tensor(m.ctx); t; t = ggml_get_next_tensor(m.ctx, t)) {
         if (where.count(t)) continue;
+        m.mapped_bytes += ggml_nbytes(t);
         // ggml never writes to weight buffers; the cast drops const only to satisfy the buffer API.
         if (ggml_backend_tensor_alloc(m.weights, t, (void *) file_bytes(t)) != GGML_STATUS_SUCCESS) {
             fail(m.path, std::string("cannot place tensor '") + t->name + "'");

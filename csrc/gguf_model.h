@@ -57,6 +57,7 @@ struct gguf_model {
     ggml_context * ctx  = nullptr;      // tensor descriptors (no data of its own)
     void * mapping      = nullptr;      // the whole file, read-only
     ggml_backend_buffer_t weights = nullptr;  // the mapping, as a CPU buffer
+    size_t mapped_bytes = 0;                   // of the tensors used from the mapping (the rest are copies)
     // Where each layer runs: devices[layer_device[il]]. The CPU alone, or the devices the model was
     // loaded for (several RPC servers split the layers); token_embd stays in the mapping, as
     // llama.cpp keeps its input layer on the CPU, and output goes to the last device.

@@ -40,13 +40,6 @@ ggml_backend_sched_ptr graph_runner::new_sched() const {
     return s;
 }
 
-ggml_backend_t graph_runner::backend(ggml_backend_dev_t dev) const {
-    for (size_t i = 0; i < devices_.size(); ++i) {
-        if (devices_[i] == dev) return backends_[i].get();
-    }
-    return is_cpu(dev) ? cpu_ : nullptr;
-}
-
 std::vector<ggml_backend_dev_t> graph_runner::devices() const { return devices_; }
 
 void graph_runner::set_n_threads(int n_threads) { ggml_backend_cpu_set_n_threads(cpu_, n_threads); }
@@ -83,8 +76,12 @@ std::vector<std::pair<ggml_backend_dev_t, size_t>> graph_runner::measure(ggml_cg
 }
 
 void graph_runner::allocate(ggml_cgraph * gf, const std::string & what, bool new_plan) {
-    ggml_backend_sched_reset(sched_.get());
-    if ((new_plan && !ggml_backend_sched_reserve(sched_.get(), gf)) || !ggml_backend_sched_alloc_graph(sched_.get(), gf)) {
+    // A new plan comes from a new scheduler: reserving with gf and then allocating it would split
+    // it twice, and the second split would lose the copies between devices the first one made.
+    if (new_plan) sched_ = new_sched();
+    else ggml_backend_sched_reset(sched_.get());
+    if (!ggml_backend_sched_alloc_graph(sched_.get(), gf)) {
+        sched_ = new_sched();  // a failed allocation leaves a plan that a later graph would trust
         throw std::runtime_error("cannot allocate compute buffers for " + what);
     }
 }

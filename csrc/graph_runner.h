@@ -27,7 +27,6 @@ public:
     graph_runner(const std::vector<ggml_backend_dev_t> & devices, int n_threads, size_t graph_size,
                  std::atomic<bool> * abort_flag);
 
-    ggml_backend_t backend(ggml_backend_dev_t dev) const;  // the backend of one of the devices (or the CPU)
     std::vector<ggml_backend_dev_t> devices() const;        // with the CPU last
     void set_n_threads(int n_threads);
 
