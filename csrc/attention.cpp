@@ -130,7 +130,7 @@ void make_attention_batch(attention_batch & b, ggml_context * ctx, const attenti
     b.pos_key = new_input(ctx, GGML_TYPE_I32, n_tokens, 0, "inp_pos_key");
     b.pos_query_grp = new_input(ctx, GGML_TYPE_I32, n_tokens, 0, "inp_pos_query_grp");
     if (b.se.ring_size > 0) b.ring_rows = new_input(ctx, GGML_TYPE_I64, n_tokens, 0, "inp_ring_rows");
-    else b.pos_neighbor = new_input(ctx, GGML_TYPE_I32, b.n_kv - b.se.nb_lo, 0, "inp_pos_neighbor");
+    else b.pos_neighbor = new_input(ctx, GGML_TYPE_I32, b.n_kv, 0, "inp_pos_neighbor");
     if (cfg.path == attention_path::portable) b.select = new_input(ctx, GGML_TYPE_F32, b.n_kv, n_tokens, "inp_select");
 }
 
@@ -165,8 +165,8 @@ void set_attention_batch_inputs(attention_batch & b, int32_t n_past) {
     set_input(b.pos_query_grp, query_grp);
     if (b.ring_rows) set_input(b.ring_rows, ring_rows(b.n_past, T, b.se.ring_size));
     if (b.pos_neighbor) {
-        std::vector<int32_t> neighbor(n_kv - b.se.nb_lo);
-        for (int32_t j = b.se.nb_lo; j < n_kv; ++j) neighbor[j - b.se.nb_lo] = j - j / G;
+        std::vector<int32_t> neighbor(n_kv);
+        for (int32_t j = 0; j < n_kv; ++j) neighbor[j] = j - j / G;
         set_input(b.pos_neighbor, neighbor);
     }
 
@@ -197,18 +197,12 @@ static ggml_tensor * ordinary_attention(ggml_context * ctx, const attention_batc
 static ggml_tensor * selfextend_portable(ggml_context * ctx, const attention_batch & b, ggml_tensor * q_n,
                                          ggml_tensor * q_g, ggml_tensor * kk, ggml_tensor * k_nb, ggml_tensor * vv,
                                          float kq_scale) {
-    const int32_t nb_lo = b.se.nb_lo;
     q_n = ggml_permute(ctx, q_n, 0, 2, 1, 3);                                  // [D, T, n_head]
     q_g = ggml_permute(ctx, q_g, 0, 2, 1, 3);
     ggml_tensor * s_grp = ggml_mul_mat(ctx, ggml_permute(ctx, kk, 0, 2, 1, 3), q_g);    // [n_kv, T, n_head]
-    ggml_tensor * s_nb = ggml_mul_mat(ctx, ggml_permute(ctx, k_nb, 0, 2, 1, 3), q_n);  // [n_kv - nb_lo, T, n_head]
+    ggml_tensor * s_nb = ggml_mul_mat(ctx, ggml_permute(ctx, k_nb, 0, 2, 1, 3), q_n);  // [n_kv, T, n_head]
     ggml_prec_set_acc(s_grp, GGML_PREC_F32);
     ggml_prec_set_acc(s_nb, GGML_PREC_F32);
-    if (nb_lo > 0) {
-        // Left-pad the neighbor scores to n_kv columns; the padding is never selected.
-        ggml_tensor * head = ggml_view_3d(ctx, s_grp, nb_lo, s_grp->ne[1], s_grp->ne[2], s_grp->nb[1], s_grp->nb[2], 0);
-        s_nb = ggml_concat(ctx, ggml_cont(ctx, head), s_nb, 0);
-    }
     ggml_tensor * scores = ggml_add(ctx, s_grp, ggml_mul(ctx, ggml_sub(ctx, s_nb, s_grp), b.select));
     ggml_tensor * probs = ggml_soft_max_ext(ctx, scores, b.mask, kq_scale, 0.0f);    // [n_kv, T, n_head]
     ggml_tensor * vt = ggml_cont(ctx, ggml_permute(ctx, vv, 1, 2, 0, 3));            // [n_kv, D, n_head_kv]
@@ -253,11 +247,10 @@ ggml_tensor * build_attention(ggml_context * ctx, ggml_cgraph * gf, kv_cache & c
             k_nb = ggml_view_3d(ctx, ring, head_dim, n_head_kv, ring->ne[1], ggml_row_size(ring->type, head_dim),
                                 ring->nb[1], 0);
         } else {
-            // Neighbor keys: cached rows nb_lo.. rotated on from floor(j/G) to j (RoPE composes).
-            const int32_t nb_lo = b.se.nb_lo;
-            ggml_tensor * tail = ggml_view_3d(ctx, ck, head_dim, n_head_kv, n_kv - nb_lo, row_head, ck->nb[1],
-                                              (size_t) nb_lo * ck->nb[1]);
-            k_nb = rope(ctx, as_f32_if_quantized(ctx, tail), b.pos_neighbor, rope_p);
+            // Neighbor keys: every cached row rotated on from floor(j/G) to j (RoPE composes); the
+            // select input uses only those within the window. All rows rather than the window's:
+            // a view that starts mid-cache and the concatenation it needs crashed Mesa's lavapipe.
+            k_nb = rope(ctx, as_f32_if_quantized(ctx, kk), b.pos_neighbor, rope_p);
         }
         out = b.cfg.path == attention_path::fused
                   ? selfextend_attention_fused(ctx, q_n, q_g, kk, vv, k_nb, &b.se)

@@ -59,7 +59,7 @@ struct attention_batch {
     // SelfExtend only:
     ggml_tensor * pos_key = nullptr;        // I32 [n_tokens]: floor(i/G), where new keys are cached
     ggml_tensor * pos_query_grp = nullptr;  // I32 [n_tokens]: floor(i/G) + W - floor(W/G)
-    ggml_tensor * pos_neighbor = nullptr;   // I32 [n_kv - nb_lo]: j - floor(j/G), rotation to neighbor keys
+    ggml_tensor * pos_neighbor = nullptr;   // I32 [n_kv], portable path: j - floor(j/G), rotation to neighbor keys
     ggml_tensor * ring_rows = nullptr;      // I64 [n_tokens], fused path: the ring rows of the new neighbor keys
     ggml_tensor * select = nullptr;         // F32 [n_kv, n_tokens], portable path: 1 = neighbor score
     selfextend_op_params se;                // fused kernel parameters (lives as long as the batch)
