@@ -40,9 +40,7 @@ int32_t selfextend_ring_size(int32_t group_size, int32_t window, attention_path 
 int32_t selfextend_first_neighbor(int32_t n_past, int32_t window) { return std::max(0, n_past - window + 1); }
 
 int32_t attention_graph_n_kv(const attention_config & cfg, int32_t n_past, int32_t n_tokens) {
-    const int32_t n_kv = n_past + n_tokens;
-    if (cfg.group_size > 1 && cfg.path == attention_path::portable) return n_kv;
-    return std::min<int32_t>(cfg.n_ctx, GGML_PAD(n_kv, 256));
+    return std::min<int32_t>(cfg.n_ctx, GGML_PAD(n_past + n_tokens, 256));
 }
 
 bool attention_batch_fits(const attention_batch & b, int32_t n_past, int32_t n_tokens) {

@@ -69,8 +69,7 @@ struct attention_batch {
 
 // The cache rows a batch's attention spans: n_past + n_tokens rounded up to a multiple of 256 (at
 // most n_ctx), so that one graph serves 256 decoding steps; the mask, or the fused kernel's own
-// causal bound, leaves the rows past n_past + t out. Exact on the portable SelfExtend path, whose
-// neighbor inputs are sized by the position.
+// causal bound, leaves the rows past n_past + t out.
 int32_t attention_graph_n_kv(const attention_config & cfg, int32_t n_past, int32_t n_tokens);
 // Whether a graph built for `batch` can compute n_tokens tokens after n_past.
 bool attention_batch_fits(const attention_batch & batch, int32_t n_past, int32_t n_tokens);

@@ -336,7 +336,7 @@ PYBIND11_MODULE(_engine, m) {
               }
               return out;
           }, "The devices this build can run on now (dicts: name, spec, description, type, memory_free, memory_total).");
-    m.def("rpc_available", [] { return ggml_backend_reg_by_name("RPC") != nullptr; },
+    m.def("rpc_available", &rpc_available,
           "Whether this build has ggml's RPC backend (CMAKE_ARGS=\"-DGGML_RPC=ON\").");
     m.def("serve_rpc", &serve_rpc, py::arg("endpoint"), py::arg("n_threads"), py::call_guard<py::gil_scoped_release>(),
           "Serves this machine's CPU to ggml RPC clients at HOST:PORT until the process ends.");

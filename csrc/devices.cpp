@@ -63,8 +63,15 @@ std::vector<ggml_backend_dev_t> devices_of(ggml_backend_reg_t reg) {
 std::string offered() {
     std::string s = "auto";
     for (const device_info & d : available_devices()) s += ", " + d.spec;
-    if (ggml_backend_reg_by_name("RPC")) s += ", rpc:HOST:PORT";
+    if (rpc_available()) s += ", rpc:HOST:PORT";
     return s;
+}
+
+// ggml's RPC backend and one of its functions, or a clean error when the build has none.
+template <typename Fn>
+Fn rpc_function(const char * name) {
+    if (!rpc_available()) throw std::invalid_argument("this build has no RPC backend; rebuild with CMAKE_ARGS=\"-DGGML_RPC=ON\"");
+    return (Fn) ggml_backend_reg_get_proc_address(ggml_backend_reg_by_name("RPC"), name);
 }
 
 // "HOST:PORT" -> host, port; throws on anything else.
@@ -169,12 +176,7 @@ std::string probe_rpc_server(const std::string & endpoint) {
 constexpr size_t max_devices = 15;
 
 std::vector<ggml_backend_dev_t> rpc_devices(const std::string & endpoints) {
-    ggml_backend_reg_t reg = ggml_backend_reg_by_name("RPC");
-    if (!reg) {
-        throw std::invalid_argument("this build has no RPC backend; rebuild with CMAKE_ARGS=\"-DGGML_RPC=ON\"");
-    }
-    using add_server_fn = ggml_backend_reg_t (*)(const char *);
-    auto add_server = (add_server_fn) ggml_backend_reg_get_proc_address(reg, "ggml_backend_rpc_add_server");
+    auto add_server = rpc_function<ggml_backend_reg_t (*)(const char *)>("ggml_backend_rpc_add_server");
     // Addresses this process has connected to: ggml keeps one connection per address while
     // anything of it (a model's weights, an engine) lives, and the server, serving one client at a
     // time, would not answer a second greeting while it does.
@@ -187,11 +189,7 @@ std::vector<ggml_backend_dev_t> rpc_devices(const std::string & endpoints) {
     while (start <= endpoints.size()) {
         const size_t comma = std::min(endpoints.find(',', start), endpoints.size());
         const std::string endpoint = endpoints.substr(start, comma - start);
-        std::string host;
-        int port = 0;
-        split_endpoint(endpoint, host, port);
-        std::string address = endpoint;
-        if (!connected.count(endpoint)) address = probe_rpc_server(endpoint);
+        const std::string address = connected.count(endpoint) ? endpoint : probe_rpc_server(endpoint);
         if (!named.insert(address).second) throw std::invalid_argument("RPC server " + endpoint + " is named twice");
         // By its numeric address: ggml's client keys its connections by the text it is given, and
         // two names of one server would open two connections, the second waiting forever.
@@ -214,6 +212,8 @@ std::vector<ggml_backend_dev_t> rpc_devices(const std::string & endpoints) {
 }  // namespace
 
 ggml_backend_dev_t cpu_device() { return ggml_backend_dev_by_type(GGML_BACKEND_DEVICE_TYPE_CPU); }
+
+bool rpc_available() { return ggml_backend_reg_by_name("RPC") != nullptr; }
 
 bool is_cpu(ggml_backend_dev_t dev) { return ggml_backend_dev_type(dev) == GGML_BACKEND_DEVICE_TYPE_CPU; }
 
@@ -303,10 +303,8 @@ void serve_rpc(const std::string & endpoint, int n_threads) {
         throw std::invalid_argument("an RPC server listens on a numeric IPv4 address (127.0.0.1, 0.0.0.0, ...), not '" +
                                     host + "'");
     }
-    ggml_backend_reg_t reg = ggml_backend_reg_by_name("RPC");
-    if (!reg) throw std::runtime_error("this build has no RPC backend; rebuild with CMAKE_ARGS=\"-DGGML_RPC=ON\"");
-    using start_fn = void (*)(const char *, const char *, size_t, size_t, ggml_backend_dev_t *);
-    auto start = (start_fn) ggml_backend_reg_get_proc_address(reg, "ggml_backend_rpc_start_server");
+    auto start = rpc_function<void (*)(const char *, const char *, size_t, size_t, ggml_backend_dev_t *)>(
+        "ggml_backend_rpc_start_server");
     ggml_backend_dev_t cpu = cpu_device();
     start(endpoint.c_str(), nullptr, (size_t) n_threads, 1, &cpu);  // returns only if it cannot listen
     throw std::runtime_error("cannot serve RPC at " + endpoint + " (is the port in use?)");

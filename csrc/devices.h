@@ -32,6 +32,7 @@ std::vector<device_info> available_devices();
 std::vector<ggml_backend_dev_t> resolve_devices(const std::string & spec);
 
 ggml_backend_dev_t cpu_device();
+bool rpc_available();  // whether this build has ggml's RPC backend (-DGGML_RPC=ON)
 bool is_cpu(ggml_backend_dev_t dev);
 std::string device_spec(ggml_backend_dev_t dev);  // the spec that names dev ("cpu", "vulkan:0", "rpc:host:port")
 
@@ -40,8 +41,8 @@ std::string device_spec(ggml_backend_dev_t dev);  // the spec that names dev ("c
 void require_device_memory(ggml_backend_dev_t dev, size_t bytes, const std::string & what);
 
 // Serves this machine's CPU to RPC clients at HOST:PORT (as llama.cpp's rpc-server); returns only
-// if the server cannot start. Throws std::invalid_argument for a bad endpoint, std::runtime_error
-// if this build has no RPC backend.
+// if the server cannot start. Throws std::invalid_argument for a bad endpoint or a build without
+// the RPC backend.
 void serve_rpc(const std::string & endpoint, int n_threads);
 
 }  // namespace pse

@@ -515,6 +515,8 @@ gguf_model::~gguf_model() {
     if (gguf) gguf_free(gguf);
 }
 
+bool gguf_model::on_cpu() const { return devices.size() == 1 && is_cpu(devices[0]); }
+
 int64_t gguf_model::n_params() const {
     int64_t n = 0;
     for (ggml_tensor * t = ggml_get_first_tensor(ctx); t; t = ggml_get_next_tensor(ctx, t)) n += ggml_nelements(t);
@@ -547,8 +549,7 @@ static bool device_runs_weight(ggml_backend_dev_t dev, ggml_tensor * w) {
 // Points every tensor at its bytes in the mapping (the page cache holds the weights once) or, for
 // a layer that runs on another device, copies it into that device's buffer.
 static void place_weights(gguf_model & m, std::vector<ggml_backend_dev_t> devices, size_t data_offset) {
-    ggml_backend_dev_t cpu = ggml_backend_dev_by_type(GGML_BACKEND_DEVICE_TYPE_CPU);
-    if (devices.empty()) devices = {cpu};
+    if (devices.empty()) devices = {cpu_device()};
     m.devices = devices;
     m.layer_device.resize(m.hp.n_layer);
     // Layers split evenly among the devices, in order.
@@ -556,7 +557,7 @@ static void place_weights(gguf_model & m, std::vector<ggml_backend_dev_t> device
     std::unordered_map<const ggml_tensor *, int> where;  // tensor -> device index; absent: the mapping
     if (!m.on_cpu()) {
         const auto put = [&](ggml_tensor * t, int d) {
-            if (t && (devices[d] == cpu || device_runs_weight(devices[d], t))) where[t] = d;
+            if (t && (is_cpu(devices[d]) || device_runs_weight(devices[d], t))) where[t] = d;
         };
         for (int il = 0; il < m.hp.n_layer; ++il) {
             const llama_layer & L = m.layers[il];

@@ -72,7 +72,7 @@ struct gguf_model {
     ggml_tensor * rope_freqs  = nullptr;  // optional per-dimension frequency factors (llama 3)
     std::vector<llama_layer> layers;
 
-    bool on_cpu() const { return devices.size() == 1 && devices[0] == ggml_backend_dev_by_type(GGML_BACKEND_DEVICE_TYPE_CPU); }
+    bool on_cpu() const;  // every layer on the CPU
     int64_t n_params() const;
     std::vector<std::string> weight_types() const;  // distinct ggml type names, most common first
 

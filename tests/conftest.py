@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import signal
+import socket
 import sys
 from pathlib import Path
 
@@ -11,6 +12,13 @@ sys.path.insert(0, str(Path(__file__).parent))
 from tiny_gguf import TinySpec, write_tiny_model  # noqa: E402
 
 from pyselfextend import models  # noqa: E402
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on now (for servers the tests start)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def default_sigint() -> None:

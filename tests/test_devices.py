@@ -23,6 +23,7 @@ from typing import Dict, List
 import numpy as np
 import pytest
 
+from conftest import free_port
 from pyselfextend import LocalModel, _engine, devices
 from selfextend_reference import selfextend_attention
 
@@ -36,17 +37,12 @@ TEST_DEVICE = os.environ.get("PYSELFEXTEND_TEST_DEVICE")
 DEVICE_BOUNDS: Dict[str, Dict[str, float]] = {"vulkan": {"logits": 0.05, "argmax": 0.93, "formula": 2e-3}}
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
 
 class RpcServer:
     """``python -m pyselfextend rpc-server`` on a free loopback port."""
 
     def __init__(self, log_dir: Path) -> None:
-        self.port = _free_port()
+        self.port = free_port()
         self.spec = f"rpc:127.0.0.1:{self.port}"
         self.log_path = log_dir / f"rpc-{self.port}.log"
         with open(self.log_path, "wb") as log:
@@ -217,7 +213,7 @@ def test_bad_device_names_are_clean_errors(tiny_model, spec, message):
 
 def test_an_rpc_address_where_nothing_listens_is_a_clean_error(tiny_model):
     with pytest.raises(ValueError, match=r"cannot connect \(Connection refused\)"):
-        LocalModel(tiny_model(), device=f"rpc:127.0.0.1:{_free_port()}", n_ctx=64)
+        LocalModel(tiny_model(), device=f"rpc:127.0.0.1:{free_port()}", n_ctx=64)
 
 
 @pytest.mark.parametrize("reply", [b"", b"HTTP/1.1 400 Bad Request\r\n\r\n" * 4])

@@ -4,7 +4,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -19,6 +18,7 @@ httpx = pytest.importorskip("httpx")
 pytest.importorskip("starlette")
 pytest.importorskip("uvicorn")
 
+from conftest import free_port  # noqa: E402
 from pyselfextend import LocalModel, default_model_name  # noqa: E402
 
 MODEL = default_model_name()
@@ -29,17 +29,12 @@ SYSTEM = {"role": "system", "content": "You are a helpful assistant. Answer brie
 pytestmark = pytest.mark.model
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
 
 class ServerProcess:
     """``python -m pyselfextend serve`` on a free loopback port, its log in a file."""
 
     def __init__(self, args: List[str], log_dir: Path) -> None:
-        self.port = _free_port()
+        self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.log_path = log_dir / f"server-{self.port}.log"
         self._log = open(self.log_path, "wb")
