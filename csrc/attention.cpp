@@ -124,7 +124,7 @@ void make_attention_batch(attention_batch & b, ggml_context * ctx, const attenti
     b.se.scale = cfg.kq_scale;
     b.se.ring_size = cfg.path == attention_path::fused ? cfg.ring_size : 0;
     b.se.n_chunks = cfg.path == attention_path::fused
-                        ? selfextend_choose_chunks(n_tokens, n_head_kv, b.n_kv, cfg.n_threads) : 1;
+                        ? selfextend_choose_chunks(n_tokens, b.n_kv, cfg.n_threads) : 1;
     b.pos_key = new_input(ctx, GGML_TYPE_I32, n_tokens, 0, "inp_pos_key");
     b.pos_query_grp = new_input(ctx, GGML_TYPE_I32, n_tokens, 0, "inp_pos_query_grp");
     if (b.se.ring_size > 0) b.ring_rows = new_input(ctx, GGML_TYPE_I64, n_tokens, 0, "inp_ring_rows");

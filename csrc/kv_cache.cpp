@@ -1,7 +1,12 @@
 #include "kv_cache.h"
 
 #include <algorithm>
+#include <cstdint>
 #include <stdexcept>
+
+#if defined(__linux__)
+#include <sys/mman.h>
+#endif
 
 namespace pse {
 
@@ -64,6 +69,21 @@ size_t kv_cache::bytes_needed() const {
     return bytes;
 }
 
+// Attention streams every cached row of a head, one short row per token: with 4 KiB pages that is
+// a TLB miss every few rows. Huge pages (where the kernel gives them on request) remove them. Asked
+// before the cache is first written, so that its pages are huge from the start.
+static void advise_huge_pages(ggml_backend_buffer_t buf) {
+#if defined(__linux__) && defined(MADV_HUGEPAGE)
+    if (!ggml_backend_buffer_is_host(buf)) return;
+    const uintptr_t huge = (uintptr_t) 2 << 20;
+    const uintptr_t lo = ((uintptr_t) ggml_backend_buffer_get_base(buf) + huge - 1) & ~(huge - 1);
+    const uintptr_t hi = ((uintptr_t) ggml_backend_buffer_get_base(buf) + ggml_backend_buffer_get_size(buf)) & ~(huge - 1);
+    if (hi > lo) madvise((void *) lo, hi - lo, MADV_HUGEPAGE);  // advice only: failure changes nothing
+#else
+    (void) buf;
+#endif
+}
+
 void kv_cache::allocate() {
     for (size_t i = 0; i < bufts.size(); ++i) {
         buffers.emplace_back(ggml_backend_alloc_ctx_tensors_from_buft(ctxs[i].get(), bufts[i]));
@@ -71,6 +91,7 @@ void kv_cache::allocate() {
             throw std::runtime_error("cannot allocate the KV cache (" + std::to_string(n_ctx) + " tokens) in " +
                                      ggml_backend_buft_name(bufts[i]));
         }
+        advise_huge_pages(buffers.back().get());
     }
 }
 

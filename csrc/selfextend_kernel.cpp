@@ -18,11 +18,9 @@ namespace pse {
 
 namespace {
 
-// ---- vector primitives: AVX2+F16C, NEON, or scalar, chosen at compile time ----------------
-
-// Row readers: copy n values of a cache row to f32 (the K/V rows of a block are converted once and
-// reused by every query). f16 and f32 are inlined; a quantized cache (q8_0) goes through
-// ggml's own dequantization.
+// ---- row readers: one cache row to f32 -----------------------------------------------------
+// The K/V rows of a block are converted once and then serve every query row of the tile. f16 and
+// f32 are inlined; a quantized cache (q8_0) goes through ggml's own dequantization.
 struct f32_rows {
     void operator()(float * dst, const char * src, int n) const { std::memcpy(dst, src, sizeof(float) * n); }
 };
@@ -43,192 +41,362 @@ struct quantized_rows {
     void operator()(float * dst, const char * src, int n) const { dequantize(src, dst, n); }
 };
 
-// out[k] = <q, krows[k]> for 8 consecutive rows of length D (stride D).
-inline void dot8(const float * q, const float * krows, int D, float * out) {
+// ---- layout ------------------------------------------------------------------------------------
+// The queries of one KV head g in a tile of up to kTile tokens, the R query heads of g for each
+// token, are the tile's n_rows "rows". Scores are kept key-major, s[b * NR + r] for key b of the
+// block and row r, with NR = n_rows rounded up to a multiple of 8: the rows of one key lie in
+// vector lanes, so the softmax of 8 rows is one vector operation, and the scores of many rows
+// come from the queries packed transposed (qT[d * NR + r]) times one broadcast key value: the
+// shape of a matrix-multiplication micro-kernel, with no horizontal sums (decoding, with fewer
+// than 8 rows, uses dot products instead). Padding lanes repeat row 0 and are never written out.
+//
+// Measured on 2 AVX2 cores (a 2-layer model with SmolLM2's attention, 16k cached tokens):
+// converting K/V once per block for a tile of 16 tokens rather than 8, and for every head at once
+// (one stream through the cache), mattered most; the accumulators must stay in registers.
+
+// Loops of a fixed, small trip count over vector registers: unrolled early, so that GCC keeps
+// the accumulators in registers instead of storing them every iteration.
+#define PSE_UNROLL _Pragma("GCC unroll 16")
+
+constexpr int kBlock = 32;  // keys per block (a multiple of 8)
+constexpr int kLanes = 8;
+
+// s[b * NR + r0 ..] = qT[:, r0 .. r0 + 8 NV] . k[b, :] for keys b0 .. b0 + MB (key b at k + b * ld).
 #if PSE_AVX2
-    if (D % 8 == 0) {
-        __m256 a[8];
-        for (int k = 0; k < 8; ++k) a[k] = _mm256_setzero_ps();
-        for (int d = 0; d < D; d += 8) {
-            const __m256 qv = _mm256_loadu_ps(q + d);
-            for (int k = 0; k < 8; ++k) a[k] = _mm256_fmadd_ps(qv, _mm256_loadu_ps(krows + k * D + d), a[k]);
+template <int NV, int MB>
+inline void scores_tile(const float * qT, int NR, int r0, const float * k, int ld, int D, int b0, float * s) {
+    __m256 acc[MB][NV];
+    PSE_UNROLL
+    for (int b = 0; b < MB; ++b)
+        PSE_UNROLL
+        for (int v = 0; v < NV; ++v) acc[b][v] = _mm256_setzero_ps();
+    const float * kb = k + (size_t) b0 * ld;
+    for (int d = 0; d < D; ++d) {
+        __m256 q[NV];
+        PSE_UNROLL
+        for (int v = 0; v < NV; ++v) q[v] = _mm256_loadu_ps(qT + (size_t) d * NR + r0 + 8 * v);
+        PSE_UNROLL
+        for (int b = 0; b < MB; ++b) {
+            const __m256 kv = _mm256_broadcast_ss(kb + (size_t) b * ld + d);
+            PSE_UNROLL
+            for (int v = 0; v < NV; ++v) acc[b][v] = _mm256_fmadd_ps(kv, q[v], acc[b][v]);
         }
-        // Transpose-and-add: lane k of the result is the sum of a[k].
-        const __m256 t0 = _mm256_hadd_ps(a[0], a[1]), t1 = _mm256_hadd_ps(a[2], a[3]);
-        const __m256 t2 = _mm256_hadd_ps(a[4], a[5]), t3 = _mm256_hadd_ps(a[6], a[7]);
-        const __m256 u0 = _mm256_hadd_ps(t0, t1), u1 = _mm256_hadd_ps(t2, t3);
-        _mm256_storeu_ps(out, _mm256_add_ps(_mm256_permute2f128_ps(u0, u1, 0x20), _mm256_permute2f128_ps(u0, u1, 0x31)));
+    }
+    PSE_UNROLL
+    for (int b = 0; b < MB; ++b)
+        PSE_UNROLL
+        for (int v = 0; v < NV; ++v) _mm256_storeu_ps(s + (size_t) (b0 + b) * NR + r0 + 8 * v, acc[b][v]);
+}
+
+// Few rows (decoding: the R heads of one token): s[b * NR + r] = <q[r], k[b]> for rows r0 .. r0 + MR
+// and keys b0 .. b0 + 4, as dot products over D (a multiple of 8) with one horizontal sum each.
+template <int MR>
+inline void scores_dot(const float * q, int r0, const float * k, int ld, int D, int b0, int NR, float * s) {
+    __m256 acc[MR][4];
+    PSE_UNROLL
+    for (int r = 0; r < MR; ++r)
+        PSE_UNROLL
+        for (int b = 0; b < 4; ++b) acc[r][b] = _mm256_setzero_ps();
+    const float * kb = k + (size_t) b0 * ld;
+    for (int d = 0; d < D; d += 8) {
+        __m256 kv[4];
+        PSE_UNROLL
+        for (int b = 0; b < 4; ++b) kv[b] = _mm256_loadu_ps(kb + (size_t) b * ld + d);
+        PSE_UNROLL
+        for (int r = 0; r < MR; ++r) {
+            const __m256 qv = _mm256_loadu_ps(q + (size_t) (r0 + r) * D + d);
+            PSE_UNROLL
+            for (int b = 0; b < 4; ++b) acc[r][b] = _mm256_fmadd_ps(qv, kv[b], acc[r][b]);
+        }
+    }
+    PSE_UNROLL
+    for (int r = 0; r < MR; ++r) {
+        // Lane b of the 4-wide result is the sum of acc[r][b].
+        const __m256 t0 = _mm256_hadd_ps(acc[r][0], acc[r][1]), t1 = _mm256_hadd_ps(acc[r][2], acc[r][3]);
+        const __m256 u = _mm256_hadd_ps(t0, t1);
+        const __m128 sum = _mm_add_ps(_mm256_castps256_ps128(u), _mm256_extractf128_ps(u, 1));
+        alignas(16) float out[4];
+        _mm_store_ps(out, sum);
+        PSE_UNROLL
+        for (int b = 0; b < 4; ++b) s[(size_t) (b0 + b) * NR + r0 + r] = out[b];
+    }
+}
+
+// o[r0 + r][d0 .. d0 + 8 NX] += sum_b p[b * NR + r0 + r] * v[b][d0 ..] for MR rows, over nb keys
+// (value b at v + b * ld).
+template <int MR, int NX>
+inline void accumulate_tile(float * o, int D, int r0, int d0, const float * p, int NR, const float * v, int ld, int nb) {
+    __m256 acc[MR][NX];
+    PSE_UNROLL
+    for (int r = 0; r < MR; ++r)
+        PSE_UNROLL
+        for (int x = 0; x < NX; ++x) acc[r][x] = _mm256_loadu_ps(o + (size_t) (r0 + r) * D + d0 + 8 * x);
+    for (int b = 0; b < nb; ++b) {
+        __m256 vv[NX];
+        PSE_UNROLL
+        for (int x = 0; x < NX; ++x) vv[x] = _mm256_loadu_ps(v + (size_t) b * ld + d0 + 8 * x);
+        PSE_UNROLL
+        for (int r = 0; r < MR; ++r) {
+            const __m256 pb = _mm256_broadcast_ss(p + (size_t) b * NR + r0 + r);
+            PSE_UNROLL
+            for (int x = 0; x < NX; ++x) acc[r][x] = _mm256_fmadd_ps(pb, vv[x], acc[r][x]);
+        }
+    }
+    PSE_UNROLL
+    for (int r = 0; r < MR; ++r)
+        PSE_UNROLL
+        for (int x = 0; x < NX; ++x) _mm256_storeu_ps(o + (size_t) (r0 + r) * D + d0 + 8 * x, acc[r][x]);
+}
+
+// exp(x) for 8 lanes; x below -87 (an invisible key, -inf) gives exactly 0.
+// exp(x) = 2^k * e^r with k = round(x / ln 2), |r| <= ln2 / 2, e^r by its Taylor series to r^7.
+inline __m256 exp8(__m256 x) {
+    const __m256 lo = _mm256_set1_ps(-87.0f), log2e = _mm256_set1_ps(1.44269504088896341f);
+    const __m256 ln2_hi = _mm256_set1_ps(0.693359375f), ln2_lo = _mm256_set1_ps(-2.12194440e-4f);
+    const __m256 dead = _mm256_cmp_ps(x, lo, _CMP_LT_OQ);
+    const __m256 xc = _mm256_max_ps(x, lo);
+    const __m256 k = _mm256_round_ps(_mm256_mul_ps(xc, log2e), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    const __m256 r = _mm256_fnmadd_ps(k, ln2_lo, _mm256_fnmadd_ps(k, ln2_hi, xc));
+    __m256 p = _mm256_set1_ps(1.0f / 5040.0f);
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f / 720.0f));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f / 120.0f));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f / 24.0f));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f / 6.0f));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(0.5f));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f));
+    const __m256i e = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(k), _mm256_set1_epi32(127)), 23);
+    return _mm256_andnot_ps(dead, _mm256_mul_ps(p, _mm256_castsi256_ps(e)));
+}
+#endif
+
+// ---- one block of keys -----------------------------------------------------------------------
+
+// A tile's query rows, packed once per work item, and its running softmax state.
+struct tile_state {
+    int n_rows = 0, NR = 0, D = 0;
+    std::vector<float> qg_t, qn_t;  // [D][NR]: queries (scaled) rotated to grouped / own positions
+    std::vector<float> qg, qn;      // [n_rows][D]: the same, row-major (the few-rows kernel)
+    std::vector<int32_t> pos;       // [NR]: each row's absolute position (padding lanes: row 0's)
+    std::vector<float> m, l, alpha; // [NR]: running max and sum of exp, this block's rescale factor
+    std::vector<float> o;           // [n_rows][D]: running sum of p * V
+    std::vector<float> sg, sn;      // one block's scores [kBlock][NR] against grouped / neighbor keys
+
+    void init(int D_, int max_rows) {
+        D = D_;
+        const int max_nr = (max_rows + kLanes - 1) / kLanes * kLanes;
+        for (auto * b : {&qg_t, &qn_t, &qg, &qn, &o}) b->assign((size_t) D * max_nr, 0.0f);
+        for (auto * b : {&m, &l, &alpha}) b->assign(max_nr, 0.0f);
+        pos.assign(max_nr, 0);
+        for (auto * b : {&sg, &sn}) b->assign((size_t) kBlock * max_nr, 0.0f);
+    }
+};
+
+// s[b * NR + r] = <q_r, k_b> for keys b < nbp (a multiple of 8; key b at k + b * ld) and every row.
+void block_scores(const tile_state & ts, const float * q_t, const float * q_rows, const float * k, int ld, int nbp,
+                  float * s) {
+    const int D = ts.D, NR = ts.NR;
+#if PSE_AVX2
+    if (ts.n_rows >= kLanes) {
+        int r0 = 0;
+        for (; r0 + 24 <= NR; r0 += 24)
+            for (int b = 0; b < nbp; b += 4) scores_tile<3, 4>(q_t, NR, r0, k, ld, D, b, s);
+        if (NR - r0 == 16)
+            for (int b = 0; b < nbp; b += 4) scores_tile<2, 4>(q_t, NR, r0, k, ld, D, b, s);
+        else if (NR - r0 == 8)
+            for (int b = 0; b < nbp; b += 8) scores_tile<1, 8>(q_t, NR, r0, k, ld, D, b, s);
+        return;
+    }
+    if (D % 8 == 0) {
+        int r0 = 0;
+        for (; r0 + 3 <= ts.n_rows; r0 += 3)
+            for (int b = 0; b < nbp; b += 4) scores_dot<3>(q_rows, r0, k, ld, D, b, NR, s);
+        for (; r0 < ts.n_rows; ++r0)
+            for (int b = 0; b < nbp; b += 4) scores_dot<1>(q_rows, r0, k, ld, D, b, NR, s);
         return;
     }
 #endif
-    for (int k = 0; k < 8; ++k) {
-        const float * kr = krows + k * D;
-        int d = 0;
-        float sum = 0.0f;
-#if PSE_NEON
-        float32x4_t a0 = vdupq_n_f32(0.0f);
-        for (; d + 4 <= D; d += 4) a0 = vfmaq_f32(a0, vld1q_f32(q + d), vld1q_f32(kr + d));
-        sum = vaddvq_f32(a0);
-#endif
-        for (; d < D; ++d) sum += q[d] * kr[d];
-        out[k] = sum;
+    (void) q_rows;
+    // Portable: the inner loop runs over contiguous lanes, which compilers vectorize.
+    for (int b = 0; b < nbp; ++b) {
+        float * sb = s + (size_t) b * NR;
+        std::fill(sb, sb + NR, 0.0f);
+        for (int d = 0; d < D; ++d) {
+            const float kv = k[(size_t) b * ld + d];
+            const float * qd = q_t + (size_t) d * NR;
+            for (int r = 0; r < NR; ++r) sb[r] += kv * qd[r];
+        }
     }
 }
 
-// s[b] = exp(s[b] - m) for n values; -inf (an invisible key) gives exactly 0.
-inline void exp_shifted(float * s, int n, float m) {
-    int b = 0;
+// o[r] += sum_b p[b * NR + r] * v[b] for every row, over nb values (value b at v + b * ld).
+void block_accumulate(tile_state & ts, const float * p, const float * v, int ld, int nb) {
+    const int D = ts.D, NR = ts.NR, n = ts.n_rows;
+    float * o = ts.o.data();
 #if PSE_AVX2
-    // exp(x) = 2^k * e^r with k = round(x / ln 2), |r| <= ln2 / 2, e^r by its Taylor series to r^7.
-    const __m256 vm = _mm256_set1_ps(m), lo = _mm256_set1_ps(-87.0f), log2e = _mm256_set1_ps(1.44269504088896341f);
-    const __m256 ln2_hi = _mm256_set1_ps(0.693359375f), ln2_lo = _mm256_set1_ps(-2.12194440e-4f);
-    for (; b + 8 <= n; b += 8) {
-        const __m256 x = _mm256_sub_ps(_mm256_loadu_ps(s + b), vm);
-        const __m256 dead = _mm256_cmp_ps(x, lo, _CMP_LT_OQ);
-        const __m256 xc = _mm256_max_ps(x, lo);
-        const __m256 k = _mm256_round_ps(_mm256_mul_ps(xc, log2e), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-        const __m256 r = _mm256_fnmadd_ps(k, ln2_lo, _mm256_fnmadd_ps(k, ln2_hi, xc));
-        __m256 p = _mm256_set1_ps(1.0f / 5040.0f);
-        p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f / 720.0f));
-        p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f / 120.0f));
-        p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f / 24.0f));
-        p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f / 6.0f));
-        p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(0.5f));
-        p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f));
-        p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f));
-        const __m256i e = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(k), _mm256_set1_epi32(127)), 23);
-        _mm256_storeu_ps(s + b, _mm256_andnot_ps(dead, _mm256_mul_ps(p, _mm256_castsi256_ps(e))));
+    if (D % 32 == 0) {
+        for (int d0 = 0; d0 < D; d0 += 32) {
+            int r0 = 0;
+            for (; r0 + 3 <= n; r0 += 3) accumulate_tile<3, 4>(o, D, r0, d0, p, NR, v, ld, nb);
+            for (; r0 < n; ++r0) accumulate_tile<1, 4>(o, D, r0, d0, p, NR, v, ld, nb);
+        }
+        return;
+    }
+    if (D % 8 == 0) {
+        for (int d0 = 0; d0 < D; d0 += 8) {
+            int r0 = 0;
+            for (; r0 + 3 <= n; r0 += 3) accumulate_tile<3, 1>(o, D, r0, d0, p, NR, v, ld, nb);
+            for (; r0 < n; ++r0) accumulate_tile<1, 1>(o, D, r0, d0, p, NR, v, ld, nb);
+        }
+        return;
     }
 #endif
-    for (; b < n; ++b) s[b] = std::exp(s[b] - m);
-}
-
-// acc[0:D] += sum_b p[b] * v[b][0:D] over nb rows of v (stride D); acc stays in registers.
-inline void accumulate_pv(float * acc, const float * p, const float * v, int nb, int D) {
-    int d = 0;
-#if PSE_AVX2
-    for (; d + 64 <= D; d += 64) {
-        __m256 a[8];
-        for (int x = 0; x < 8; ++x) a[x] = _mm256_loadu_ps(acc + d + 8 * x);
+    for (int r = 0; r < n; ++r) {
+        float * orow = o + (size_t) r * D;
         for (int b = 0; b < nb; ++b) {
-            if (p[b] == 0.0f) continue;
-            const __m256 pb = _mm256_set1_ps(p[b]);
-            const float * vr = v + (size_t) b * D + d;
-            for (int x = 0; x < 8; ++x) a[x] = _mm256_fmadd_ps(pb, _mm256_loadu_ps(vr + 8 * x), a[x]);
+            const float pb = p[(size_t) b * NR + r];
+            if (pb == 0.0f) continue;
+            const float * vb = v + (size_t) b * ld;
+            for (int d = 0; d < D; ++d) orow[d] += pb * vb[d];
         }
-        for (int x = 0; x < 8; ++x) _mm256_storeu_ps(acc + d + 8 * x, a[x]);
     }
-    for (; d + 8 <= D; d += 8) {
-        __m256 a = _mm256_loadu_ps(acc + d);
-        for (int b = 0; b < nb; ++b) a = _mm256_fmadd_ps(_mm256_set1_ps(p[b]), _mm256_loadu_ps(v + (size_t) b * D + d), a);
-        _mm256_storeu_ps(acc + d, a);
+}
+
+// Hides what a row may not see and picks each score's kind: key j is grouped for the row at
+// position i when i - j >= W, a neighbor when 0 <= i - j < W, invisible when j > i or j is past
+// the block's nb keys. sg (grouped scores, or null) and sn (neighbor scores, or null) merge into s.
+void block_mask(tile_state & ts, float * s, const float * sg, const float * sn, int32_t j0, int nb, int nbp,
+                int32_t W) {
+    const int NR = ts.NR;
+    const float neg_inf = -std::numeric_limits<float>::infinity();
+    for (int b = 0; b < nbp; ++b) {
+        const int32_t j = j0 + b;
+        float * sb = s + (size_t) b * NR;
+        for (int r = 0; r < NR; ++r) {
+            const int32_t i = ts.pos[r];
+            const bool visible = b < nb && j <= i;
+            const float score = (sg && (!sn || i - j >= W)) ? sg[(size_t) b * NR + r] : sn[(size_t) b * NR + r];
+            sb[r] = visible ? score : neg_inf;
+        }
     }
-#elif PSE_NEON
-    for (; d + 4 <= D; d += 4) {
-        float32x4_t a = vld1q_f32(acc + d);
-        for (int b = 0; b < nb; ++b) a = vfmaq_n_f32(a, vld1q_f32(v + (size_t) b * D + d), p[b]);
-        vst1q_f32(acc + d, a);
+}
+
+// The online softmax over one block: p = exp(s - m') in place, m and l updated, alpha = exp(m - m')
+// for rescaling o. A row that has seen no visible key yet keeps m = -inf and p = 0.
+void block_softmax(tile_state & ts, float * s, int nbp) {
+    const int NR = ts.NR;
+    float * m = ts.m.data(), * l = ts.l.data(), * alpha = ts.alpha.data();
+#if PSE_AVX2
+    const __m256 neg_inf = _mm256_set1_ps(-std::numeric_limits<float>::infinity());
+    for (int r = 0; r < NR; r += 8) {
+        __m256 mb = neg_inf;
+        for (int b = 0; b < nbp; ++b) mb = _mm256_max_ps(mb, _mm256_loadu_ps(s + (size_t) b * NR + r));
+        const __m256 m_old = _mm256_loadu_ps(m + r);
+        const __m256 m_new = _mm256_max_ps(m_old, mb);
+        const __m256 shift = _mm256_andnot_ps(_mm256_cmp_ps(m_new, neg_inf, _CMP_EQ_OQ), m_new);  // -inf -> 0
+        const __m256 a = exp8(_mm256_sub_ps(m_old, shift));
+        __m256 sum = _mm256_setzero_ps();
+        for (int b = 0; b < nbp; ++b) {
+            float * sb = s + (size_t) b * NR + r;
+            const __m256 p = exp8(_mm256_sub_ps(_mm256_loadu_ps(sb), shift));
+            _mm256_storeu_ps(sb, p);
+            sum = _mm256_add_ps(sum, p);
+        }
+        _mm256_storeu_ps(l + r, _mm256_fmadd_ps(_mm256_loadu_ps(l + r), a, sum));
+        _mm256_storeu_ps(m + r, m_new);
+        _mm256_storeu_ps(alpha + r, a);
+    }
+#else
+    const float neg_inf = -std::numeric_limits<float>::infinity();
+    for (int r = 0; r < NR; ++r) {
+        float mb = neg_inf;
+        for (int b = 0; b < nbp; ++b) mb = std::max(mb, s[(size_t) b * NR + r]);
+        const float m_new = std::max(m[r], mb), shift = m_new == neg_inf ? 0.0f : m_new;
+        const float a = std::exp(m[r] - shift);
+        float sum = 0.0f;
+        for (int b = 0; b < nbp; ++b) {
+            float & x = s[(size_t) b * NR + r];
+            x = std::exp(x - shift);
+            sum += x;
+        }
+        l[r] = l[r] * a + sum;
+        m[r] = m_new;
+        alpha[r] = a;
     }
 #endif
-    for (; d < D; ++d) {
-        float a = acc[d];
-        for (int b = 0; b < nb; ++b) a += p[b] * v[(size_t) b * D + d];
-        acc[d] = a;
+    for (int r = 0; r < ts.n_rows; ++r) {
+        if (alpha[r] == 1.0f) continue;
+        float * orow = ts.o.data() + (size_t) r * ts.D;
+        for (int d = 0; d < ts.D; ++d) orow[d] *= alpha[r];
     }
 }
 
-// ---- the online-softmax pass ---------------------------------------------------------------
-
-constexpr int kBlock = 32;  // keys scored, then folded into the softmax, at a time (a multiple of 8)
-constexpr int kTile = 8;    // queries that share one pass over the keys (prefill)
-
-// One query row: a (token, head) pair and its running softmax state.
-struct query_row {
-    const float * q_nb;   // query rotated to its own position (for neighbor keys)
-    const float * q_grp;  // query rotated to its grouped position (for grouped keys)
-    int32_t pos;          // absolute position i
-    float m, l;           // running max and sum of exp
-    float * acc;          // [D] running weighted sum of V
+// One block of keys for every KV head, in f32: K rotated to grouped positions, neighbor keys, and V,
+// [kBlock][n_head_kv * D]. A token's heads lie side by side in the cache, so converting a block for
+// every head at once reads the cache as one stream, where one head at a time would read a stride.
+struct block_rows {
+    int ld = 0;                // n_head_kv * D: from one key's row to the next
+    std::vector<float> kg, kn, v;
+    bool any_grp = false, any_nb = false;
 };
 
-// Scratch of one thread: one block of keys, neighbor keys and values in f32, and scores.
-struct block_scratch {
-    std::vector<float> k_grp, k_nb, v, s_grp, s_nb;
-    void init(int D) {
-        for (auto * b : {&k_grp, &k_nb, &v}) b->assign((size_t) kBlock * D, 0.0f);
-        s_grp.assign(kBlock, 0.0f);
-        s_nb.assign(kBlock, 0.0f);
-    }
+// Where the cache's rows are: K (rotated to grouped positions), the neighbor keys (a ring, or rows
+// from nb_lo) and V, a row per token at its stride, head g at g times the head stride.
+struct cache_rows {
+    const char * k, * k_nb, * v;
+    size_t k_stride, nb_stride, v_stride;     // bytes from one token's row to the next
+    size_t k_head, nb_head, v_head;           // bytes from one head's row to the next
+    int32_t nb_lo, ring;                      // see selfextend_op_params
 };
 
-// Folds keys [lo, hi) into every row. For a row at position i, key j is grouped when i - j >= W,
-// a neighbor when 0 <= i - j < W, and invisible when j > i. Each block of K/V rows is converted
-// once and then serves every row of the tile.
+// Converts keys [j0, j0 + nb) of every head, only the kinds some row of the tile needs (a query
+// at i sees key j grouped when i - j >= W, as a neighbor when 0 <= i - j < W).
 template <typename KRows, typename NbRows, typename VRows>
-void attend_rows(query_row * rows, int n_rows, int D, float scale, int32_t W, int32_t lo, int32_t hi,
-                 const char * k_base, size_t k_stride, const char * knb_base, size_t knb_stride, int32_t nb_lo,
-                 int32_t ring, const char * v_base, size_t v_stride, block_scratch & sc,
-                 const KRows & k_row, const NbRows & nb_row, const VRows & v_row) {
-    constexpr float neg_inf = -std::numeric_limits<float>::infinity();
-    int32_t i_min = rows[0].pos, i_max = rows[0].pos;
-    for (int r = 1; r < n_rows; ++r) i_min = std::min(i_min, rows[r].pos), i_max = std::max(i_max, rows[r].pos);
-
-    for (int32_t j0 = lo; j0 < hi; j0 += kBlock) {
-        const int nb = std::min<int32_t>(kBlock, hi - j0);
-        const int nb8 = (nb + 7) & ~7;  // scores are computed 8 at a time; the tail rows are zero
-        const int32_t j_last = j0 + nb - 1;
-        const bool any_grp = j0 <= i_max - W;                   // some row sees a grouped key here
-        const bool any_nb = j_last > i_min - W && j0 <= i_max;  // some row sees a neighbor key here
-        if (any_grp) {
-            for (int b = 0; b < nb; ++b) k_row(sc.k_grp.data() + (size_t) b * D, k_base + (size_t) (j0 + b) * k_stride, D);
-            std::fill(sc.k_grp.begin() + (size_t) nb * D, sc.k_grp.begin() + (size_t) nb8 * D, 0.0f);
-        }
-        if (any_nb) {
-            for (int b = 0; b < nb; ++b) {
-                const int32_t j = j0 + b;
-                float * dst = sc.k_nb.data() + (size_t) b * D;
-                const size_t row = ring > 0 ? (size_t) (j % ring) : (size_t) (j - nb_lo);
-                if (j >= nb_lo) nb_row(dst, knb_base + row * knb_stride, D);
-                else std::fill(dst, dst + D, 0.0f);  // never a neighbor of any row (j < i - W + 1)
+void load_block(block_rows & br, const cache_rows & c, int n_head_kv, int D, int32_t W, int32_t j0, int nb,
+                int32_t i_min, int32_t i_max, const KRows & k_row, const NbRows & nb_row, const VRows & v_row) {
+    const int nbp = (nb + 7) & ~7;  // scores are computed 8 keys at a time; the tail keys are zero
+    const int32_t j_last = j0 + nb - 1;
+    br.any_grp = j0 <= i_max - W;
+    br.any_nb = j_last > i_min - W && j0 <= i_max;
+    for (int b = 0; b < nb; ++b) {
+        const int32_t j = j0 + b;
+        for (int g = 0; g < n_head_kv; ++g) {
+            const size_t at = (size_t) b * br.ld + (size_t) g * D;
+            if (br.any_grp) k_row(br.kg.data() + at, c.k + (size_t) j * c.k_stride + g * c.k_head, D);
+            if (br.any_nb) {
+                const size_t row = c.ring > 0 ? (size_t) (j % c.ring) : (size_t) (j - c.nb_lo);
+                if (j >= c.nb_lo) nb_row(br.kn.data() + at, c.k_nb + row * c.nb_stride + g * c.nb_head, D);
+                else std::fill(br.kn.data() + at, br.kn.data() + at + D, 0.0f);  // never a neighbor here
             }
-            std::fill(sc.k_nb.begin() + (size_t) nb * D, sc.k_nb.begin() + (size_t) nb8 * D, 0.0f);
-        }
-        for (int b = 0; b < nb; ++b) v_row(sc.v.data() + (size_t) b * D, v_base + (size_t) (j0 + b) * v_stride, D);
-
-        for (int r = 0; r < n_rows; ++r) {
-            query_row & q = rows[r];
-            const int32_t i = q.pos;
-            if (j0 > i) continue;  // the whole block is in this row's future
-            // Keys j <= i - W are grouped, i - W < j <= i neighbors: a prefix and a suffix of the block.
-            const int n_grp = std::clamp<int32_t>(i - W + 1 - j0, 0, nb);
-            const int n_vis = std::min<int32_t>(i - j0 + 1, nb);
-            float * s = sc.s_grp.data();
-            if (n_grp > 0) {
-                for (int b = 0; b < n_grp; b += 8) dot8(q.q_grp, sc.k_grp.data() + (size_t) b * D, D, s + b);
-            }
-            if (n_vis > n_grp) {
-                const int b0 = n_grp & ~7;
-                for (int b = b0; b < n_vis; b += 8) dot8(q.q_nb, sc.k_nb.data() + (size_t) b * D, D, sc.s_nb.data() + b);
-                for (int b = n_grp; b < n_vis; ++b) s[b] = sc.s_nb[b];
-            }
-            float mb = neg_inf;
-            for (int b = 0; b < n_vis; ++b) mb = std::max(mb, s[b] *= scale);
-            for (int b = n_vis; b < nb; ++b) s[b] = neg_inf;
-            if (mb > q.m) {
-                const float f = std::exp(q.m - mb);  // 0 when m was -inf
-                for (int d = 0; d < D; ++d) q.acc[d] *= f;
-                q.l *= f;
-                q.m = mb;
-            }
-            exp_shifted(s, nb, q.m);
-            float sum = 0.0f;
-            for (int b = 0; b < nb; ++b) sum += s[b];
-            q.l += sum;
-            accumulate_pv(q.acc, s, sc.v.data(), n_vis, D);
+            v_row(br.v.data() + at, c.v + (size_t) j * c.v_stride + g * c.v_head, D);
         }
     }
+    for (auto * buf : {&br.kg, &br.kn}) std::fill(buf->begin() + (size_t) nb * br.ld, buf->begin() + (size_t) nbp * br.ld, 0.0f);
 }
 
+// Folds one converted block of keys [j0, j0 + nb) of KV head g into every row of its tile.
+void attend_block(tile_state & ts, const block_rows & br, int g, int32_t W, int32_t j0, int nb, int32_t i_min) {
+    const int nbp = (nb + 7) & ~7;
+    const int32_t j_last = j0 + nb - 1;
+    const size_t col = (size_t) g * ts.D;
+    if (br.any_grp) block_scores(ts, ts.qg_t.data(), ts.qg.data(), br.kg.data() + col, br.ld, nbp, ts.sg.data());
+    if (br.any_nb) block_scores(ts, ts.qn_t.data(), ts.qn.data(), br.kn.data() + col, br.ld, nbp, ts.sn.data());
+    float * s = br.any_grp ? ts.sg.data() : ts.sn.data();
+    // Only the blocks where the kinds meet, or the causal edge, or the range's end need a mask.
+    if ((br.any_grp && br.any_nb) || j_last > i_min || nb < nbp) {
+        block_mask(ts, s, br.any_grp ? ts.sg.data() : nullptr, br.any_nb ? ts.sn.data() : nullptr, j0, nb, nbp, W);
+    }
+    block_softmax(ts, s, nbp);
+    block_accumulate(ts, s, br.v.data() + col, br.ld, nb);
+}
+
+// ---- the work split --------------------------------------------------------------------------
+
+constexpr int kTile = 16;  // tokens whose queries share one pass over the keys (prefill)
+
+// A work item is a tile of up to kTile tokens and a chunk of the keys, for every KV head: the
+// heads' rows of one token lie side by side in the cache, so taking every head's block in turn
+// reads the cache as one stream instead of a strided third (or less) of it per pass.
 template <typename KRows, typename NbRows, typename VRows>
 void selfextend_forward(ggml_tensor * dst, int ith, int nth, const selfextend_op_params & p, const KRows & k_row,
                         const NbRows & nb_row, const VRows & v_row) {
@@ -241,57 +409,73 @@ void selfextend_forward(ggml_tensor * dst, int ith, int nth, const selfextend_op
     const int32_t T = p.n_tokens, n_kv = p.n_past + T, C = p.n_chunks, W = p.window;
     const bool partial = C > 1;
     const int32_t n_tiles = (T + kTile - 1) / kTile;
+    const cache_rows cache{(const char *) k->data, (const char *) k_nb->data, (const char *) v->data,
+                           (size_t) k->nb[2], (size_t) k_nb->nb[2], (size_t) v->nb[2],
+                           (size_t) k->nb[1], (size_t) k_nb->nb[1], (size_t) v->nb[1], p.nb_lo, p.ring_size};
+    block_rows br;
+    br.ld = n_head_kv * D;
+    for (auto * buf : {&br.kg, &br.kn, &br.v}) buf->assign((size_t) kBlock * br.ld, 0.0f);
+    std::vector<tile_state> heads(n_head_kv);
+    for (tile_state & ts : heads) ts.init(D, kTile * R);
 
-    const int max_rows = kTile * R;
-    std::vector<float> acc((size_t) max_rows * D);
-    std::vector<query_row> rows(max_rows);
-    block_scratch scratch;
-    scratch.init(D);
-
-    const int64_t n_items = (int64_t) n_tiles * n_head_kv * C;
+    const int64_t n_items = (int64_t) n_tiles * C;
     for (int64_t item = ith; item < n_items; item += nth) {
         const int32_t c = (int32_t) (item % C);
-        const int g = (int) (item / C % n_head_kv);
-        const int32_t t0 = (int32_t) (item / C / n_head_kv) * kTile, t1 = std::min(T, t0 + kTile);
+        const int32_t t0 = (int32_t) (item / C) * kTile, t1 = std::min(T, t0 + kTile);
 
-        int n_rows = 0;
-        for (int32_t t = t0; t < t1; ++t) {
-            for (int r = 0; r < R; ++r, ++n_rows) {
-                const int h = g * R + r;
-                query_row & q = rows[n_rows];
-                q.q_nb = (const float *) ((const char *) q_n->data + t * q_n->nb[2] + h * q_n->nb[1]);
-                q.q_grp = (const float *) ((const char *) q_g->data + t * q_g->nb[2] + h * q_g->nb[1]);
-                q.pos = p.n_past + t;
-                q.m = -std::numeric_limits<float>::infinity();
-                q.l = 0.0f;
-                q.acc = acc.data() + (size_t) n_rows * D;
-                std::fill(q.acc, q.acc + D, 0.0f);
+        for (int g = 0; g < n_head_kv; ++g) {
+            // Pack the tile's queries, scaled by 1/sqrt(D), row r = (t - t0) * R + head - g * R.
+            tile_state & ts = heads[g];
+            ts.n_rows = (t1 - t0) * R;
+            ts.NR = (ts.n_rows + kLanes - 1) / kLanes * kLanes;
+            for (int r = 0; r < ts.NR; ++r) {
+                const int rr = r < ts.n_rows ? r : 0;  // padding lanes repeat row 0
+                const int32_t t = t0 + rr / R;
+                const int h = g * R + rr % R;
+                const float * qn = (const float *) ((const char *) q_n->data + t * q_n->nb[2] + h * q_n->nb[1]);
+                const float * qg = (const float *) ((const char *) q_g->data + t * q_g->nb[2] + h * q_g->nb[1]);
+                for (int d = 0; d < D; ++d) {
+                    ts.qn_t[(size_t) d * ts.NR + r] = qn[d] * p.scale;
+                    ts.qg_t[(size_t) d * ts.NR + r] = qg[d] * p.scale;
+                }
+                if (r < ts.n_rows) {
+                    for (int d = 0; d < D; ++d) {
+                        ts.qn[(size_t) r * D + d] = qn[d] * p.scale;
+                        ts.qg[(size_t) r * D + d] = qg[d] * p.scale;
+                    }
+                }
+                ts.pos[r] = p.n_past + t;
             }
+            std::fill(ts.m.begin(), ts.m.begin() + ts.NR, -std::numeric_limits<float>::infinity());
+            std::fill(ts.l.begin(), ts.l.begin() + ts.NR, 0.0f);
+            std::fill(ts.o.begin(), ts.o.begin() + (size_t) ts.n_rows * D, 0.0f);
         }
 
         // This chunk's keys, up to the last query's causal limit.
         const int32_t lo = (int32_t) ((int64_t) n_kv * c / C);
         const int32_t hi = std::min<int32_t>((int32_t) ((int64_t) n_kv * (c + 1) / C), p.n_past + t1);
-        if (lo < hi) {
-            attend_rows(rows.data(), n_rows, D, p.scale, W, lo, hi, (const char *) k->data + g * k->nb[1], k->nb[2],
-                        (const char *) k_nb->data + g * k_nb->nb[1], k_nb->nb[2], p.nb_lo, p.ring_size,
-                        (const char *) v->data + g * v->nb[1], v->nb[2], scratch, k_row, nb_row, v_row);
+        const int32_t i_min = p.n_past + t0, i_max = p.n_past + t1 - 1;
+        for (int32_t j0 = lo; j0 < hi; j0 += kBlock) {
+            const int nb = std::min<int32_t>(kBlock, hi - j0);
+            load_block(br, cache, n_head_kv, D, W, j0, nb, i_min, i_max, k_row, nb_row, v_row);
+            for (int g = 0; g < n_head_kv; ++g) attend_block(heads[g], br, g, W, j0, nb, i_min);
         }
 
-        n_rows = 0;
-        for (int32_t t = t0; t < t1; ++t) {
-            for (int r = 0; r < R; ++r, ++n_rows) {
-                const int h = g * R + r;
-                const query_row & q = rows[n_rows];
+        for (int g = 0; g < n_head_kv; ++g) {
+            const tile_state & ts = heads[g];
+            for (int r = 0; r < ts.n_rows; ++r) {
+                const int32_t t = t0 + r / R;
+                const int h = g * R + r % R;
+                const float * acc = ts.o.data() + (size_t) r * D;
                 if (partial) {
                     float * out = (float *) ((char *) dst->data + c * dst->nb[3] + t * dst->nb[2] + h * dst->nb[1]);
-                    std::memcpy(out, q.acc, sizeof(float) * D);
-                    out[D] = q.m;
-                    out[D + 1] = q.l;
+                    std::memcpy(out, acc, sizeof(float) * D);
+                    out[D] = ts.m[r];
+                    out[D + 1] = ts.l[r];
                 } else {
                     float * out = (float *) ((char *) dst->data + t * dst->nb[2] + h * dst->nb[1]);
-                    const float inv = q.l > 0.0f ? 1.0f / q.l : 0.0f;
-                    for (int d = 0; d < D; ++d) out[d] = q.acc[d] * inv;
+                    const float inv = ts.l[r] > 0.0f ? 1.0f / ts.l[r] : 0.0f;
+                    for (int d = 0; d < D; ++d) out[d] = acc[d] * inv;
                 }
             }
         }
@@ -344,9 +528,9 @@ void selfextend_merge_op(ggml_tensor * dst, int ith, int nth, void *) {
 
 }  // namespace
 
-int32_t selfextend_choose_chunks(int32_t n_tokens, int32_t n_head_kv, int32_t n_kv, int n_threads) {
-    const int64_t items = (int64_t) ((n_tokens + kTile - 1) / kTile) * n_head_kv;
-    const int64_t want = 8 * (int64_t) std::max(1, n_threads);  // enough items to balance threads
+int32_t selfextend_choose_chunks(int32_t n_tokens, int32_t n_kv, int n_threads) {
+    const int64_t items = (n_tokens + kTile - 1) / kTile;  // a tile takes every KV head
+    const int64_t want = 2 * (int64_t) std::max(1, n_threads);  // enough items to balance threads
     if (items >= want) return 1;
     int64_t c = (want + items - 1) / items;
     c = std::min<int64_t>(c, std::max<int64_t>(1, n_kv / 256));  // chunks of at least 256 keys

@@ -22,7 +22,7 @@ struct selfextend_op_params {
 };
 
 // Chooses n_chunks so that a batch with few queries (decoding) still keeps every thread busy.
-int32_t selfextend_choose_chunks(int32_t n_tokens, int32_t n_head_kv, int32_t n_kv, int n_threads);
+int32_t selfextend_choose_chunks(int32_t n_tokens, int32_t n_kv, int n_threads);
 
 // q_n, q_g: [D, n_head, T] f32, rotated to the neighbor / grouped query positions.
 // k, v:     [D, n_head_kv, >= n_past + T] views of the cache (f16 or f32); k rotated to grouped
