@@ -3,6 +3,7 @@
 #include "engine.h"
 #include "host.h"
 #include "reference.h"
+#include "roofline.h"
 #include "vocab.h"
 
 #include "ggml-cpu.h"
@@ -341,6 +342,25 @@ PYBIND11_MODULE(_engine, m) {
     m.def("serve_rpc", &serve_rpc, py::arg("endpoint"), py::arg("n_threads"), py::call_guard<py::gil_scoped_release>(),
           "Serves this machine's CPU to ggml RPC clients at HOST:PORT until the process ends.");
 
+    m.def("roofline", [](int64_t n_threads) {
+              check_thread_count(n_threads);
+              roofline r;
+              {
+                  py::gil_scoped_release released;
+                  r = measure_roofline((int32_t) n_threads);
+              }
+              py::dict d;
+              d["fma_gflops"] = r.fma_gflops;
+              d["read_gb_per_s"] = r.read_gb_per_s;
+              d["n_threads"] = r.n_threads;
+              return d;
+          }, py::arg("n_threads"),
+          "This machine's limits, measured with n_threads threads (about a second): f32 multiply-add "
+          "throughput (fma_gflops) and streaming memory reads (read_gb_per_s).");
+    m.def("cache_bytes_per_value", [](const std::string & cache_type) {
+              const ggml_type t = kv_cache::type_from_name(cache_type);
+              return (double) ggml_type_size(t) / (double) ggml_blck_size(t);
+          }, py::arg("cache_type"), "Bytes one cached K or V value takes in a cache of this type (q8_0: 34/32).");
     m.def("reference_needs_flash_attn", &reference_needs_flash_attn, py::arg("cache_type"),
           "Whether llama.cpp runs a KV cache of this type only with flash attention on.");
 

@@ -15,8 +15,19 @@ Engines:
   ordinary       pyselfextend with SelfExtend off (ordinary attention, ggml flash attention)
   llama.cpp-fa   llama.cpp (libllama from the pinned source), flash attention on
   llama.cpp      llama.cpp, flash attention off
-Ratios are pyselfextend (selfextend) / llama.cpp: above 1 means pyselfextend is faster or, for
-memory, uses more.
+  llama-bench-fa, llama-bench
+                 with --llama-bench PATH: llama.cpp's own benchmark program, flash attention on and off,
+                 run after the others (it keeps its own loop, so it cannot take turns); it fills the
+                 cache itself, untimed, and its figure is the median of its repetitions. It runs
+                 libllama with the same settings as the llama.cpp engines (batch, threads, weight
+                 repacking); what differs is when it runs, so it has ratios of its own
+Ratios are pyselfextend (selfextend) / llama.cpp, against the faster llama.cpp engine at each
+depth: above 1 means pyselfextend is faster or, for memory, uses more.
+
+Beside tokens/s: the machine's limits, measured first (f32 multiply-add GFLOP/s and memory read
+GB/s with the same threads), attention GFLOP/s (the attention FLOPs of the prefill over its whole
+time: a lower bound on the attention's own speed) and cache GB/s (the K/V bytes a decoding step
+reads over its whole time).
 """
 from __future__ import annotations
 
@@ -33,6 +44,7 @@ from typing import Dict, List
 import numpy as np
 
 ENGINES = ["selfextend", "ordinary", "llama.cpp-fa", "llama.cpp"]
+LLAMA_BENCH_ENGINES = ["llama-bench-fa", "llama-bench"]
 
 
 class _Worker:
@@ -49,7 +61,7 @@ class _Worker:
                str(n_ctx), str(n_prompt), str(n_gen)]
         self._proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, bufsize=1,
                                       env=os.environ.copy())
-        self.info = self._reply()  # {"group_size", "window"} once the model is loaded
+        self.info = self._reply()  # {"shape", and "group_size", "window" for selfextend} once the model is loaded
 
     def _reply(self) -> Dict:
         line = self._proc.stdout.readline()
@@ -99,7 +111,7 @@ def _serve_worker(engine: str, path: str, threads: int, cache_type: str, n_ctx: 
         sys.stdout.write(json.dumps(obj) + "\n")
         sys.stdout.flush()
 
-    answer(info)
+    answer({**info, "shape": {k: getattr(model, k) for k in ("n_layer", "n_head", "n_head_kv", "head_dim")}})
     for line in sys.stdin:
         req = json.loads(line)
         op, depth = req["op"], int(req["depth"])
@@ -158,6 +170,44 @@ def _measure(engines: List[str], path: str, threads: int, cache_type: str, depth
             w.close()
 
 
+def _run_llama_bench(binary: str, path: str, threads: int, cache_type: str, depths: List[int], n_prompt: int,
+                     n_gen: int, reps: int, flash_attn: List[bool]) -> Dict[str, Dict]:
+    """llama.cpp's llama-bench with the same settings; results shaped as _measure's."""
+    n_batch = max(512, n_prompt)
+    cmd = [binary, "-m", path, "-p", str(n_prompt), "-n", str(n_gen), "-d", ",".join(map(str, depths)),
+           "-t", str(threads), "-b", str(n_batch), "-ub", str(n_batch), "-ctk", cache_type, "-ctv", cache_type,
+           "-fa", ",".join("1" if fa else "0" for fa in flash_attn), "-r", str(reps), "-o", "json", "--progress"]
+    print("bench: " + " ".join(cmd), file=sys.stderr, flush=True)
+    try:
+        r = subprocess.run(cmd, stdout=subprocess.PIPE, text=True)  # its progress goes to our stderr
+    except OSError as e:
+        raise ValueError(f"cannot run llama-bench {binary!r}: {e}") from None
+    if r.returncode != 0:
+        raise RuntimeError(f"llama-bench failed (exit {r.returncode})")
+    out: Dict[str, Dict] = {}
+    for test in json.loads(r.stdout):
+        engine = "llama-bench-fa" if int(test["flash_attn"]) == 1 else "llama-bench"
+        kind = "prefill" if int(test["n_prompt"]) > 0 else "decode"
+        e = out.setdefault(engine, {"engine": engine, "peak_rss_bytes": None, "depths": {}})
+        e["depths"].setdefault(str(test["n_depth"]), {"prefill": [], "decode": []})[kind] = list(test["samples_ts"])
+    return out
+
+
+def attention_flops(shape: Dict[str, int], depth: int, n_prompt: int) -> float:
+    """FLOPs of attention scores and weighted values for n_prompt queries after depth cached tokens:
+    2 multiply-adds per head dimension for each (query head, visible key) pair, in every layer."""
+    keys = n_prompt * depth + n_prompt * (n_prompt + 1) / 2  # query t sees depth + t + 1 keys
+    return 4.0 * shape["head_dim"] * shape["n_head"] * shape["n_layer"] * keys
+
+
+def cache_bytes_read(shape: Dict[str, int], cache_type: str, depth: int, n_gen: int) -> float:
+    """Bytes of K and V rows one decoding step reads, averaged over n_gen steps after depth tokens."""
+    from . import _engine
+
+    per_token = 2 * shape["n_layer"] * shape["n_head_kv"] * shape["head_dim"] * _engine.cache_bytes_per_value(cache_type)
+    return per_token * (depth + (n_gen + 1) / 2)
+
+
 def run_bench(args: argparse.Namespace) -> int:
     from . import _engine
     from .model import _default_threads
@@ -181,45 +231,86 @@ def run_bench(args: argparse.Namespace) -> int:
           f"depths {depths}, {args.repetitions} repetitions, engines {', '.join(engines)}", file=sys.stderr, flush=True)
 
     results = _measure(engines, path, threads, args.cache_type, depths, args.n_prompt, args.n_gen, args.repetitions)
+    if args.llama_bench:
+        shape = next(iter(results.values()))["shape"]
+        flash = [True] if _engine.reference_needs_flash_attn(args.cache_type) else [True, False]
+        for e, r in _run_llama_bench(args.llama_bench, path, threads, args.cache_type, depths, args.n_prompt, args.n_gen,
+                                     args.repetitions, flash).items():
+            results[e] = {**r, "shape": shape}
+    # The machine's limits last, once nothing else of ours runs: its 512 MiB buffer, touched before
+    # the engines' processes were forked, would count in their peak memory.
+    roof = _engine.roofline(threads)
+    print(f"bench: this machine with {threads} threads: {roof['fma_gflops']:.0f} GFLOP/s f32 multiply-add, "
+          f"{roof['read_gb_per_s']:.1f} GB/s memory reads", file=sys.stderr, flush=True)
 
     report = {"model": path, "threads": threads, "cache_type": args.cache_type, "n_prompt": args.n_prompt, "n_gen": args.n_gen,
-              "repetitions": args.repetitions, "date": time.strftime("%Y-%m-%d"), "engines": {}, "ratios": {}}
+              "repetitions": args.repetitions, "date": time.strftime("%Y-%m-%d"), "roofline": roof, "engines": {},
+              "ratios": {}}
     for e, r in results.items():
+        depth_report = {}
+        read_seconds = 0.0
+        for d, v in sorted(r["depths"].items(), key=lambda dv: int(dv[0])):
+            m = {k: statistics.median(v[k]) for k in ("prefill", "decode")}
+            if "fill_seconds" in v:  # the fills continue one another: their sum reads the document from empty
+                read_seconds += v["fill_seconds"]
+                m["read_seconds"] = read_seconds
+            # Attention's share of the work, at the whole step's speed: a lower bound on how fast
+            # attention itself ran, to set beside the machine's limits.
+            m["attention_gflops"] = attention_flops(r["shape"], int(d), args.n_prompt) * m["prefill"] / args.n_prompt / 1e9
+            m["cache_gb_per_s"] = cache_bytes_read(r["shape"], args.cache_type, int(d), args.n_gen) * m["decode"] / 1e9
+            depth_report[d] = m
         report["engines"][e] = {
             "peak_rss_bytes": r["peak_rss_bytes"],
             **({"group_size": r["group_size"], "window": r["window"]} if "group_size" in r else {}),
-            "depths": {d: {k: statistics.median(v[k]) for k in ("prefill", "decode")} for d, v in r["depths"].items()},
+            "depths": depth_report,
         }
     base = "selfextend" if "selfextend" in results else "ordinary"
+    # The ratios' baseline is the faster llama.cpp engine that took turns with ours; llama-bench,
+    # which runs at another time, gets ratios of its own.
     llamas = [e for e in ("llama.cpp-fa", "llama.cpp") if e in results]
-    if base in results and llamas:
+    llama_benches = [e for e in LLAMA_BENCH_ENGINES if e in results]
+    if base in results and (llamas or llama_benches):
         for d in map(str, depths):
             ours = report["engines"][base]["depths"][d]
             ratios = {}
             for k in ("prefill", "decode"):
-                best = max(report["engines"][e]["depths"][d][k] for e in llamas)
-                ratios[f"{k}_vs_best_llama.cpp"] = ours[k] / best
+                if llamas:
+                    ratios[f"{k}_vs_best_llama.cpp"] = ours[k] / max(report["engines"][e]["depths"][d][k] for e in llamas)
                 if "llama.cpp-fa" in results:
                     ratios[f"{k}_vs_llama.cpp-fa"] = ours[k] / report["engines"]["llama.cpp-fa"]["depths"][d][k]
+                if llama_benches:
+                    ratios[f"{k}_vs_best_llama-bench"] = ours[k] / max(report["engines"][e]["depths"][d][k]
+                                                                        for e in llama_benches)
             report["ratios"][d] = ratios
-        report["ratios"]["peak_rss_vs_llama.cpp-fa" if "llama.cpp-fa" in results else "peak_rss_vs_llama.cpp"] = (
-            results[base]["peak_rss_bytes"] / results[llamas[0]]["peak_rss_bytes"])
+        if llamas:  # llama-bench's memory is not measured
+            report["ratios"]["peak_rss_vs_" + llamas[0]] = results[base]["peak_rss_bytes"] / results[llamas[0]]["peak_rss_bytes"]
 
     if args.json:
         print(json.dumps(report, indent=2))
         return 0
     print(f"model {path}\n{threads} threads, {args.cache_type} KV cache; median of {args.repetitions}; prefill = {args.n_prompt} tokens in one "
           f"batch after DEPTH cached tokens, decode = {args.n_gen} tokens one at a time after them; tokens/s")
-    print(f"{'depth':>7}  {'engine':<14} {'prefill':>9} {'decode':>9}")
+    print(f"machine limits with {threads} threads: {roof['fma_gflops']:.0f} GFLOP/s (f32 multiply-add), "
+          f"{roof['read_gb_per_s']:.1f} GB/s (memory reads); attention GFLOP/s = attention FLOPs of the prefill / its "
+          f"time, cache GB/s = K/V bytes a decoding step reads / its time")
+    print(f"{'depth':>7}  {'engine':<14} {'prefill':>9} {'decode':>9} {'attn GFLOP/s':>13} {'cache GB/s':>11}")
     for d in map(str, depths):
         for e, r in report["engines"].items():
             m = r["depths"][d]
-            print(f"{d:>7}  {e:<14} {m['prefill']:>9.1f} {m['decode']:>9.1f}")
-        for key, label in (("vs_best_llama.cpp", "/ best llama"), ("vs_llama.cpp-fa", "/ llama FA on")):
+            print(f"{d:>7}  {e:<14} {m['prefill']:>9.1f} {m['decode']:>9.1f} {m['attention_gflops']:>13.1f} "
+                  f"{m['cache_gb_per_s']:>11.2f}")
+        for key, label in (("vs_best_llama.cpp", "/ best llama"), ("vs_llama.cpp-fa", "/ llama FA on"),
+                           ("vs_best_llama-bench", "/ llama-bench")):
             r = report["ratios"].get(d, {})
             if f"prefill_{key}" in r:
                 print(f"{d:>7}  {base + ' ' + label:<14} {r[f'prefill_{key}']:>8.2f}x {r[f'decode_{key}']:>8.2f}x")
-    print("peak RSS: " + ", ".join(f"{e} {r['peak_rss_bytes'] / 2**20:.0f} MiB" for e, r in report["engines"].items()))
+    print("peak RSS: " + ", ".join(f"{e} {r['peak_rss_bytes'] / 2**20:.0f} MiB" for e, r in report["engines"].items()
+                                   if r["peak_rss_bytes"] is not None))
+    for d in map(str, depths):
+        reads = [(e, r["depths"][d]["read_seconds"]) for e, r in report["engines"].items() if "read_seconds" in r["depths"][d]]
+        if int(d) > 0 and reads:
+            print(f"time to read {d} tokens from empty (batches of {max(512, args.n_prompt)}): "
+                  + ", ".join(f"{e} {sec:.1f} s" for e, sec in reads))
     for e, r in report["engines"].items():
         if "group_size" in r and r["group_size"] > 1:
             print(f"{e}: group_size={r['group_size']} window={r['window']}")

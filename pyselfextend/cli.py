@@ -628,6 +628,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="engines to run (default: all four; with a quantized --cache-type, all but llama.cpp)")
     p.add_argument("--repetitions", "-r", type=_positive_int, default=3, metavar="N",
                    help="runs per measurement; the median is reported (default 3)")
+    p.add_argument("--llama-bench", default=None, metavar="PATH",
+                   help="also run llama.cpp's own llama-bench (scripts/build-llama-bench.sh builds it from the "
+                        "pinned source) with the same file, threads, depths and cache type, after the other engines")
     p.add_argument("--json", action="store_true", help="print JSON")
     p.set_defaults(func=cmd_bench)
 

@@ -86,10 +86,15 @@ set(CMAKE_POSITION_INDEPENDENT_CODE ON)
 set(CMAKE_C_VISIBILITY_PRESET hidden)
 set(CMAKE_CXX_VISIBILITY_PRESET hidden)
 set(CMAKE_VISIBILITY_INLINES_HIDDEN ON)
-foreach(_opt LLAMA_BUILD_COMMON LLAMA_BUILD_TESTS LLAMA_BUILD_TOOLS LLAMA_BUILD_EXAMPLES
+foreach(_opt LLAMA_BUILD_TESTS LLAMA_BUILD_TOOLS LLAMA_BUILD_EXAMPLES
              LLAMA_BUILD_SERVER LLAMA_BUILD_APP LLAMA_OPENSSL LLAMA_CURL GGML_BACKEND_DL)
     set(${_opt} OFF CACHE BOOL "" FORCE)
 endforeach()
+# llama.cpp's own benchmark, the baseline its users know: -DPYSELFEXTEND_LLAMA_BENCH=ON defines the
+# target llama-bench (scripts/build-llama-bench.sh builds it; `pyselfextend bench --llama-bench`
+# runs it). It needs llama.cpp's common library, which nothing else here uses.
+option(PYSELFEXTEND_LLAMA_BENCH "Define llama.cpp's llama-bench target from the pinned source" OFF)
+set(LLAMA_BUILD_COMMON ${PYSELFEXTEND_LLAMA_BENCH} CACHE BOOL "" FORCE)
 # x86: build for the AVX2/FMA/F16C baseline rather than -march=native. Native builds on CPUs that
 # report AMX pick ggml's AMX kernels, which crash where the OS or hypervisor does not grant AMX
 # state (seen on this project's CI machines). -DGGML_NATIVE=ON restores native tuning.
@@ -108,3 +113,8 @@ endif()
 # -DGGML_CUDA=ON on the command line or in CMAKE_ARGS reaches ggml as it would reach llama.cpp.
 
 add_subdirectory("${PYSELFEXTEND_LLAMA_CPP_SOURCE}" "${CMAKE_BINARY_DIR}/_deps/llama.cpp-build" EXCLUDE_FROM_ALL)
+if (PYSELFEXTEND_LLAMA_BENCH)
+    find_package(Threads REQUIRED)
+    add_subdirectory("${PYSELFEXTEND_LLAMA_CPP_SOURCE}/tools/llama-bench" "${CMAKE_BINARY_DIR}/_deps/llama-bench-build"
+                     EXCLUDE_FROM_ALL)
+endif()
