@@ -197,7 +197,10 @@ void block_scores(const tile_state & ts, const float * q_t, const float * q_rows
                   float * s) {
     const int D = ts.D, NR = ts.NR;
 #if PSE_AVX2
-    if (ts.n_rows >= kLanes) {
+    // Always the broadcast kernel, even for fewer than 8 rows (decoding): a score must not depend on
+    // which tile its query fell in, or a prefix reused with other batches (the server) would not
+    // give the fresh logits bit for bit. (Dot products sum in another order.)
+    if (ts.n_rows >= 1) {
         int r0 = 0;
         for (; r0 + 24 <= NR; r0 += 24)
             for (int b = 0; b < nbp; b += 4) scores_tile<3, 4>(q_t, NR, r0, k, ld, D, b, s);
