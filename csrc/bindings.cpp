@@ -343,11 +343,10 @@ PYBIND11_MODULE(_engine, m) {
           "Serves this machine's CPU to ggml RPC clients at HOST:PORT until the process ends.");
 
     m.def("roofline", [](int64_t n_threads) {
-              check_thread_count(n_threads);
               roofline r;
               {
                   py::gil_scoped_release released;
-                  r = measure_roofline((int32_t) n_threads);
+                  r = measure_roofline(n_threads);  // checks the thread count
               }
               py::dict d;
               d["fma_gflops"] = r.fma_gflops;

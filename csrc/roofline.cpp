@@ -61,8 +61,9 @@ float read_sum(const v8f * p, size_t n) {
 
 }  // namespace
 
-roofline measure_roofline(int32_t n_threads) {
-    check_thread_count(n_threads);
+roofline measure_roofline(int64_t n_threads_arg) {
+    check_thread_count(n_threads_arg);  // 1 to 512: the narrowing below is safe
+    const int32_t n_threads = (int32_t) n_threads_arg;
     roofline r;
     r.n_threads = n_threads;
     std::vector<float> sink(n_threads);  // results are kept, so the loops are not optimized away

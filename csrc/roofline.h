@@ -14,6 +14,6 @@ struct roofline {
 
 // Measures both with n_threads threads (about a second): the best of a few repetitions, since the
 // machine may be busy with other work.
-roofline measure_roofline(int32_t n_threads);
+roofline measure_roofline(int64_t n_threads);
 
 }  // namespace pse

@@ -47,8 +47,10 @@ struct quantized_rows {
 // block and row r, with NR = n_rows rounded up to a multiple of 8: the rows of one key lie in
 // vector lanes, so the softmax of 8 rows is one vector operation, and the scores of many rows
 // come from the queries packed transposed (qT[d * NR + r]) times one broadcast key value: the
-// shape of a matrix-multiplication micro-kernel, with no horizontal sums (decoding, with fewer
-// than 8 rows, uses dot products instead). Padding lanes repeat row 0 and are never written out.
+// shape of a matrix-multiplication micro-kernel, with no horizontal sums. Decoding (R rows in 8
+// lanes) uses it too: a score must not depend on the tile its query fell in, or a prefix reused
+// with other batches (the server) would not give the fresh logits bit for bit; dot products
+// would sum in another order. Padding lanes repeat row 0 and are never written out.
 //
 // Measured on 2 AVX2 cores (a 2-layer model with SmolLM2's attention, 16k cached tokens):
 // converting K/V once per block for a tile of 16 tokens rather than 8, and for every head at once
@@ -86,40 +88,6 @@ inline void scores_tile(const float * qT, int NR, int r0, const float * k, int l
     for (int b = 0; b < MB; ++b)
         PSE_UNROLL
         for (int v = 0; v < NV; ++v) _mm256_storeu_ps(s + (size_t) (b0 + b) * NR + r0 + 8 * v, acc[b][v]);
-}
-
-// Few rows (decoding: the R heads of one token): s[b * NR + r] = <q[r], k[b]> for rows r0 .. r0 + MR
-// and keys b0 .. b0 + 4, as dot products over D (a multiple of 8) with one horizontal sum each.
-template <int MR>
-inline void scores_dot(const float * q, int r0, const float * k, int ld, int D, int b0, int NR, float * s) {
-    __m256 acc[MR][4];
-    PSE_UNROLL
-    for (int r = 0; r < MR; ++r)
-        PSE_UNROLL
-        for (int b = 0; b < 4; ++b) acc[r][b] = _mm256_setzero_ps();
-    const float * kb = k + (size_t) b0 * ld;
-    for (int d = 0; d < D; d += 8) {
-        __m256 kv[4];
-        PSE_UNROLL
-        for (int b = 0; b < 4; ++b) kv[b] = _mm256_loadu_ps(kb + (size_t) b * ld + d);
-        PSE_UNROLL
-        for (int r = 0; r < MR; ++r) {
-            const __m256 qv = _mm256_loadu_ps(q + (size_t) (r0 + r) * D + d);
-            PSE_UNROLL
-            for (int b = 0; b < 4; ++b) acc[r][b] = _mm256_fmadd_ps(qv, kv[b], acc[r][b]);
-        }
-    }
-    PSE_UNROLL
-    for (int r = 0; r < MR; ++r) {
-        // Lane b of the 4-wide result is the sum of acc[r][b].
-        const __m256 t0 = _mm256_hadd_ps(acc[r][0], acc[r][1]), t1 = _mm256_hadd_ps(acc[r][2], acc[r][3]);
-        const __m256 u = _mm256_hadd_ps(t0, t1);
-        const __m128 sum = _mm_add_ps(_mm256_castps256_ps128(u), _mm256_extractf128_ps(u, 1));
-        alignas(16) float out[4];
-        _mm_store_ps(out, sum);
-        PSE_UNROLL
-        for (int b = 0; b < 4; ++b) s[(size_t) (b0 + b) * NR + r0 + r] = out[b];
-    }
 }
 
 // o[r0 + r][d0 .. d0 + 8 NX] += sum_b p[b * NR + r0 + r] * v[b][d0 ..] for MR rows, over nb keys
@@ -176,7 +144,6 @@ inline __m256 exp8(__m256 x) {
 struct tile_state {
     int n_rows = 0, NR = 0, D = 0;
     std::vector<float> qg_t, qn_t;  // [D][NR]: queries (scaled) rotated to grouped / own positions
-    std::vector<float> qg, qn;      // [n_rows][D]: the same, row-major (the few-rows kernel)
     std::vector<int32_t> pos;       // [NR]: each row's absolute position (padding lanes: row 0's)
     std::vector<float> m, l, alpha; // [NR]: running max and sum of exp, this block's rescale factor
     std::vector<float> o;           // [n_rows][D]: running sum of p * V
@@ -185,7 +152,7 @@ struct tile_state {
     void init(int D_, int max_rows) {
         D = D_;
         const int max_nr = (max_rows + kLanes - 1) / kLanes * kLanes;
-        for (auto * b : {&qg_t, &qn_t, &qg, &qn, &o}) b->assign((size_t) D * max_nr, 0.0f);
+        for (auto * b : {&qg_t, &qn_t, &o}) b->assign((size_t) D * max_nr, 0.0f);
         for (auto * b : {&m, &l, &alpha}) b->assign(max_nr, 0.0f);
         pos.assign(max_nr, 0);
         for (auto * b : {&sg, &sn}) b->assign((size_t) kBlock * max_nr, 0.0f);
@@ -193,34 +160,19 @@ struct tile_state {
 };
 
 // s[b * NR + r] = <q_r, k_b> for keys b < nbp (a multiple of 8; key b at k + b * ld) and every row.
-void block_scores(const tile_state & ts, const float * q_t, const float * q_rows, const float * k, int ld, int nbp,
-                  float * s) {
+void block_scores(const tile_state & ts, const float * q_t, const float * k, int ld, int nbp, float * s) {
     const int D = ts.D, NR = ts.NR;
 #if PSE_AVX2
-    // Always the broadcast kernel, even for fewer than 8 rows (decoding): a score must not depend on
-    // which tile its query fell in, or a prefix reused with other batches (the server) would not
-    // give the fresh logits bit for bit. (Dot products sum in another order.)
-    if (ts.n_rows >= 1) {
-        int r0 = 0;
-        for (; r0 + 24 <= NR; r0 += 24)
-            for (int b = 0; b < nbp; b += 4) scores_tile<3, 4>(q_t, NR, r0, k, ld, D, b, s);
-        if (NR - r0 == 16)
-            for (int b = 0; b < nbp; b += 4) scores_tile<2, 4>(q_t, NR, r0, k, ld, D, b, s);
-        else if (NR - r0 == 8)
-            for (int b = 0; b < nbp; b += 8) scores_tile<1, 8>(q_t, NR, r0, k, ld, D, b, s);
-        return;
-    }
-    if (D % 8 == 0) {
-        int r0 = 0;
-        for (; r0 + 3 <= ts.n_rows; r0 += 3)
-            for (int b = 0; b < nbp; b += 4) scores_dot<3>(q_rows, r0, k, ld, D, b, NR, s);
-        for (; r0 < ts.n_rows; ++r0)
-            for (int b = 0; b < nbp; b += 4) scores_dot<1>(q_rows, r0, k, ld, D, b, NR, s);
-        return;
-    }
-#endif
-    (void) q_rows;
-    // Portable: the inner loop runs over contiguous lanes, which compilers vectorize.
+    int r0 = 0;
+    for (; r0 + 24 <= NR; r0 += 24)
+        for (int b = 0; b < nbp; b += 4) scores_tile<3, 4>(q_t, NR, r0, k, ld, D, b, s);
+    if (NR - r0 == 16)
+        for (int b = 0; b < nbp; b += 4) scores_tile<2, 4>(q_t, NR, r0, k, ld, D, b, s);
+    else if (NR - r0 == 8)
+        for (int b = 0; b < nbp; b += 8) scores_tile<1, 8>(q_t, NR, r0, k, ld, D, b, s);
+#else
+    // The same sums in the same order, one lane at a time; the inner loop runs over contiguous
+    // lanes, which compilers vectorize.
     for (int b = 0; b < nbp; ++b) {
         float * sb = s + (size_t) b * NR;
         std::fill(sb, sb + NR, 0.0f);
@@ -230,6 +182,7 @@ void block_scores(const tile_state & ts, const float * q_t, const float * q_rows
             for (int r = 0; r < NR; ++r) sb[r] += kv * qd[r];
         }
     }
+#endif
 }
 
 // o[r] += sum_b p[b * NR + r] * v[b] for every row, over nb values (value b at v + b * ld).
@@ -340,7 +293,9 @@ void block_softmax(tile_state & ts, float * s, int nbp) {
 struct block_rows {
     int ld = 0;                // n_head_kv * D: from one key's row to the next
     std::vector<float> kg, kn, v;
-    bool any_grp = false, any_nb = false;
+    int32_t j0 = 0;            // the block's first key
+    int nb = 0, nbp = 0;       // its keys, and that rounded up to a multiple of 8 (scores 8 at a time)
+    bool any_grp = false, any_nb = false;  // whether some row of the tile sees a grouped / neighbor key
 };
 
 // Where the cache's rows are: K (rotated to grouped positions), the neighbor keys (a ring, or rows
@@ -357,8 +312,11 @@ struct cache_rows {
 template <typename KRows, typename NbRows, typename VRows>
 void load_block(block_rows & br, const cache_rows & c, int n_head_kv, int D, int32_t W, int32_t j0, int nb,
                 int32_t i_min, int32_t i_max, const KRows & k_row, const NbRows & nb_row, const VRows & v_row) {
-    const int nbp = (nb + 7) & ~7;  // scores are computed 8 keys at a time; the tail keys are zero
+    const int nbp = (nb + 7) & ~7;  // the tail keys are zero
     const int32_t j_last = j0 + nb - 1;
+    br.j0 = j0;
+    br.nb = nb;
+    br.nbp = nbp;
     br.any_grp = j0 <= i_max - W;
     br.any_nb = j_last > i_min - W && j0 <= i_max;
     for (int b = 0; b < nb; ++b) {
@@ -377,23 +335,38 @@ void load_block(block_rows & br, const cache_rows & c, int n_head_kv, int D, int
     for (auto * buf : {&br.kg, &br.kn}) std::fill(buf->begin() + (size_t) nb * br.ld, buf->begin() + (size_t) nbp * br.ld, 0.0f);
 }
 
-// Folds one converted block of keys [j0, j0 + nb) of KV head g into every row of its tile.
-void attend_block(tile_state & ts, const block_rows & br, int g, int32_t W, int32_t j0, int nb, int32_t i_min) {
-    const int nbp = (nb + 7) & ~7;
-    const int32_t j_last = j0 + nb - 1;
+// Folds the converted block of KV head g into every row of its tile.
+void attend_block(tile_state & ts, const block_rows & br, int g, int32_t W, int32_t i_min) {
     const size_t col = (size_t) g * ts.D;
-    if (br.any_grp) block_scores(ts, ts.qg_t.data(), ts.qg.data(), br.kg.data() + col, br.ld, nbp, ts.sg.data());
-    if (br.any_nb) block_scores(ts, ts.qn_t.data(), ts.qn.data(), br.kn.data() + col, br.ld, nbp, ts.sn.data());
+    if (br.any_grp) block_scores(ts, ts.qg_t.data(), br.kg.data() + col, br.ld, br.nbp, ts.sg.data());
+    if (br.any_nb) block_scores(ts, ts.qn_t.data(), br.kn.data() + col, br.ld, br.nbp, ts.sn.data());
     float * s = br.any_grp ? ts.sg.data() : ts.sn.data();
     // Only the blocks where the kinds meet, or the causal edge, or the range's end need a mask.
-    if ((br.any_grp && br.any_nb) || j_last > i_min || nb < nbp) {
-        block_mask(ts, s, br.any_grp ? ts.sg.data() : nullptr, br.any_nb ? ts.sn.data() : nullptr, j0, nb, nbp, W);
+    if ((br.any_grp && br.any_nb) || br.j0 + br.nb - 1 > i_min || br.nb < br.nbp) {
+        block_mask(ts, s, br.any_grp ? ts.sg.data() : nullptr, br.any_nb ? ts.sn.data() : nullptr, br.j0, br.nb,
+                   br.nbp, W);
     }
-    block_softmax(ts, s, nbp);
-    block_accumulate(ts, s, br.v.data() + col, br.ld, nb);
+    block_softmax(ts, s, br.nbp);
+    block_accumulate(ts, s, br.v.data() + col, br.ld, br.nb);
 }
 
 // ---- the work split --------------------------------------------------------------------------
+
+// One thread's tile states (one per KV head) and block of converted rows, sized for a shape.
+struct kernel_scratch {
+    int n_head_kv = 0, D = 0, max_rows = 0;
+    std::vector<tile_state> heads;
+    block_rows br;
+
+    void fit(int n_head_kv_, int D_, int max_rows_) {
+        if (n_head_kv_ == n_head_kv && D_ == D && max_rows_ == max_rows) return;
+        n_head_kv = n_head_kv_, D = D_, max_rows = max_rows_;
+        heads.assign(n_head_kv, tile_state());
+        for (tile_state & ts : heads) ts.init(D, max_rows);
+        br.ld = n_head_kv * D;
+        for (auto * buf : {&br.kg, &br.kn, &br.v}) buf->assign((size_t) kBlock * br.ld, 0.0f);
+    }
+};
 
 constexpr int kTile = 16;  // tokens whose queries share one pass over the keys (prefill)
 
@@ -415,11 +388,12 @@ void selfextend_forward(ggml_tensor * dst, int ith, int nth, const selfextend_op
     const cache_rows cache{(const char *) k->data, (const char *) k_nb->data, (const char *) v->data,
                            (size_t) k->nb[2], (size_t) k_nb->nb[2], (size_t) v->nb[2],
                            (size_t) k->nb[1], (size_t) k_nb->nb[1], (size_t) v->nb[1], p.nb_lo, p.ring_size};
-    block_rows br;
-    br.ld = n_head_kv * D;
-    for (auto * buf : {&br.kg, &br.kn, &br.v}) buf->assign((size_t) kBlock * br.ld, 0.0f);
-    std::vector<tile_state> heads(n_head_kv);
-    for (tile_state & ts : heads) ts.init(D, kTile * R);
+    // Each thread's buffers outlive the call: allocating and zeroing them anew for every layer of
+    // every decoding step is work the step need not do. Every value is written before it is read.
+    thread_local kernel_scratch scratch;
+    scratch.fit(n_head_kv, D, kTile * R);
+    block_rows & br = scratch.br;
+    std::vector<tile_state> & heads = scratch.heads;
 
     const int64_t n_items = (int64_t) n_tiles * C;
     for (int64_t item = ith; item < n_items; item += nth) {
@@ -441,12 +415,6 @@ void selfextend_forward(ggml_tensor * dst, int ith, int nth, const selfextend_op
                     ts.qn_t[(size_t) d * ts.NR + r] = qn[d] * p.scale;
                     ts.qg_t[(size_t) d * ts.NR + r] = qg[d] * p.scale;
                 }
-                if (r < ts.n_rows) {
-                    for (int d = 0; d < D; ++d) {
-                        ts.qn[(size_t) r * D + d] = qn[d] * p.scale;
-                        ts.qg[(size_t) r * D + d] = qg[d] * p.scale;
-                    }
-                }
                 ts.pos[r] = p.n_past + t;
             }
             std::fill(ts.m.begin(), ts.m.begin() + ts.NR, -std::numeric_limits<float>::infinity());
@@ -461,7 +429,7 @@ void selfextend_forward(ggml_tensor * dst, int ith, int nth, const selfextend_op
         for (int32_t j0 = lo; j0 < hi; j0 += kBlock) {
             const int nb = std::min<int32_t>(kBlock, hi - j0);
             load_block(br, cache, n_head_kv, D, W, j0, nb, i_min, i_max, k_row, nb_row, v_row);
-            for (int g = 0; g < n_head_kv; ++g) attend_block(heads[g], br, g, W, j0, nb, i_min);
+            for (int g = 0; g < n_head_kv; ++g) attend_block(heads[g], br, g, W, i_min);
         }
 
         for (int g = 0; g < n_head_kv; ++g) {
