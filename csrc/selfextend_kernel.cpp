@@ -52,6 +52,12 @@ struct quantized_rows {
 // with other batches (the server) would not give the fresh logits bit for bit; dot products
 // would sum in another order. Padding lanes repeat row 0 and are never written out.
 //
+// A tile of fewer than 8 rows (decoding: the R query heads of one KV head) would leave most lanes
+// empty, so it turns the layout around: keys in lanes, s[r * kBlock + b], against the block's keys
+// transposed (kT[d * kBlock + b]) and queries row by row. Every score is the same chain of
+// multiply-adds over d, every probability the same exp8 of the same difference, every row's sum
+// added key by key in the same order, so both layouts give the same bits.
+//
 // Measured on 2 AVX2 cores (a 2-layer model with SmolLM2's attention, 16k cached tokens):
 // converting K/V once per block for a tile of 16 tokens rather than 8, and for every head at once
 // (one stream through the cache), mattered most; the accumulators must stay in registers.
@@ -90,10 +96,11 @@ inline void scores_tile(const float * qT, int NR, int r0, const float * k, int l
         for (int v = 0; v < NV; ++v) _mm256_storeu_ps(s + (size_t) (b0 + b) * NR + r0 + 8 * v, acc[b][v]);
 }
 
-// o[r0 + r][d0 .. d0 + 8 NX] += sum_b p[b * NR + r0 + r] * v[b][d0 ..] for MR rows, over nb keys
-// (value b at v + b * ld).
+// o[r0 + r][d0 .. d0 + 8 NX] += sum_b p_b,r0+r * v[b][d0 ..] for MR rows, over nb keys (value b at
+// v + b * ld; p_b,r at p + b * pb_stride + r * pr_stride, for either layout).
 template <int MR, int NX>
-inline void accumulate_tile(float * o, int D, int r0, int d0, const float * p, int NR, const float * v, int ld, int nb) {
+inline void accumulate_tile(float * o, int D, int r0, int d0, const float * p, size_t pb_stride, size_t pr_stride,
+                            const float * v, int ld, int nb) {
     __m256 acc[MR][NX];
     PSE_UNROLL
     for (int r = 0; r < MR; ++r)
@@ -105,7 +112,7 @@ inline void accumulate_tile(float * o, int D, int r0, int d0, const float * p, i
         for (int x = 0; x < NX; ++x) vv[x] = _mm256_loadu_ps(v + (size_t) b * ld + d0 + 8 * x);
         PSE_UNROLL
         for (int r = 0; r < MR; ++r) {
-            const __m256 pb = _mm256_broadcast_ss(p + (size_t) b * NR + r0 + r);
+            const __m256 pb = _mm256_broadcast_ss(p + b * pb_stride + (r0 + r) * pr_stride);
             PSE_UNROLL
             for (int x = 0; x < NX; ++x) acc[r][x] = _mm256_fmadd_ps(pb, vv[x], acc[r][x]);
         }
@@ -114,6 +121,56 @@ inline void accumulate_tile(float * o, int D, int r0, int d0, const float * p, i
     for (int r = 0; r < MR; ++r)
         PSE_UNROLL
         for (int x = 0; x < NX; ++x) _mm256_storeu_ps(o + (size_t) (r0 + r) * D + d0 + 8 * x, acc[r][x]);
+}
+
+// s[(r0 + r) * kBlock + b] = <q[r0 + r], k_b> for MR rows (q row-major, q + r * D) and the keys of nv
+// vectors of 8, the keys in lanes (kT[d * kBlock + b]). Per d: MR broadcasts and 4 loads feed 4 MR
+// accumulators (MR = 3 fills the 16 registers).
+template <int MR>
+inline void scores_keys_tile(const float * q, int D, int r0, const float * kT, int nv, float * s) {
+    __m256 acc[MR][4];
+    PSE_UNROLL
+    for (int r = 0; r < MR; ++r)
+        PSE_UNROLL
+        for (int x = 0; x < 4; ++x) acc[r][x] = _mm256_setzero_ps();
+    for (int d = 0; d < D; ++d) {
+        __m256 qb[MR];
+        PSE_UNROLL
+        for (int r = 0; r < MR; ++r) qb[r] = _mm256_broadcast_ss(q + (size_t) (r0 + r) * D + d);
+        PSE_UNROLL
+        for (int x = 0; x < 4; ++x) {
+            const __m256 kv = _mm256_loadu_ps(kT + (size_t) d * kBlock + 8 * x);
+            PSE_UNROLL
+            for (int r = 0; r < MR; ++r) acc[r][x] = _mm256_fmadd_ps(kv, qb[r], acc[r][x]);
+        }
+    }
+    for (int r = 0; r < MR; ++r)
+        for (int x = 0; x < nv; ++x) _mm256_storeu_ps(s + (size_t) (r0 + r) * kBlock + 8 * x, acc[r][x]);
+}
+
+// dst[d * kBlock + b] = src[b * ld + d] for keys b < nbp and d < D (both multiples of 8), 8x8 at a time.
+inline void transpose_block(const float * src, int ld, float * dst, int D, int nbp) {
+    for (int b0 = 0; b0 < nbp; b0 += 8) {
+        for (int d0 = 0; d0 < D; d0 += 8) {
+            __m256 r[8], t[8];
+            for (int i = 0; i < 8; ++i) r[i] = _mm256_loadu_ps(src + (size_t) (b0 + i) * ld + d0);
+            for (int i = 0; i < 8; i += 2) {
+                t[i] = _mm256_unpacklo_ps(r[i], r[i + 1]);
+                t[i + 1] = _mm256_unpackhi_ps(r[i], r[i + 1]);
+            }
+            for (int i = 0; i < 8; i += 4) {
+                r[i] = _mm256_shuffle_ps(t[i], t[i + 2], _MM_SHUFFLE(1, 0, 1, 0));
+                r[i + 1] = _mm256_shuffle_ps(t[i], t[i + 2], _MM_SHUFFLE(3, 2, 3, 2));
+                r[i + 2] = _mm256_shuffle_ps(t[i + 1], t[i + 3], _MM_SHUFFLE(1, 0, 1, 0));
+                r[i + 3] = _mm256_shuffle_ps(t[i + 1], t[i + 3], _MM_SHUFFLE(3, 2, 3, 2));
+            }
+            // r[i], i < 4: column i of rows 0-3 in its low half, column i + 4 in its high; r[i + 4]: rows 4-7.
+            for (int i = 0; i < 4; ++i) {
+                _mm256_storeu_ps(dst + (size_t) (d0 + i) * kBlock + b0, _mm256_permute2f128_ps(r[i], r[i + 4], 0x20));
+                _mm256_storeu_ps(dst + (size_t) (d0 + i + 4) * kBlock + b0, _mm256_permute2f128_ps(r[i], r[i + 4], 0x31));
+            }
+        }
+    }
 }
 
 // exp(x) for 8 lanes; x below -87 (an invisible key, -inf) gives exactly 0.
@@ -143,11 +200,17 @@ inline __m256 exp8(__m256 x) {
 // A tile's query rows, packed once per work item, and its running softmax state.
 struct tile_state {
     int n_rows = 0, NR = 0, D = 0;
-    std::vector<float> qg_t, qn_t;  // [D][NR]: queries (scaled) rotated to grouped / own positions
+    bool keys_in_lanes = false;     // the layout for fewer than 8 rows (see above)
+    std::vector<float> qg_t, qn_t;  // [D][NR]: queries (scaled) rotated to grouped / own positions;
+                                    // with keys in lanes [n_rows][D]
     std::vector<int32_t> pos;       // [NR]: each row's absolute position (padding lanes: row 0's)
     std::vector<float> m, l, alpha; // [NR]: running max and sum of exp, this block's rescale factor
     std::vector<float> o;           // [n_rows][D]: running sum of p * V
     std::vector<float> sg, sn;      // one block's scores [kBlock][NR] against grouped / neighbor keys
+                                    // (keys in lanes: [n_rows][kBlock])
+
+    // Where the score of key b for row r is kept.
+    size_t at(int b, int r) const { return keys_in_lanes ? (size_t) r * kBlock + b : (size_t) b * NR + r; }
 
     void init(int D_, int max_rows) {
         D = D_;
@@ -163,6 +226,13 @@ struct tile_state {
 void block_scores(const tile_state & ts, const float * q_t, const float * k, int ld, int nbp, float * s) {
     const int D = ts.D, NR = ts.NR;
 #if PSE_AVX2
+    if (ts.keys_in_lanes) {  // q row-major, k transposed (kT[d * kBlock + b])
+        int r0 = 0;
+        for (; r0 + 3 <= ts.n_rows; r0 += 3) scores_keys_tile<3>(q_t, D, r0, k, nbp / 8, s);
+        if (ts.n_rows - r0 == 2) scores_keys_tile<2>(q_t, D, r0, k, nbp / 8, s);
+        else if (ts.n_rows - r0 == 1) scores_keys_tile<1>(q_t, D, r0, k, nbp / 8, s);
+        return;
+    }
     int r0 = 0;
     for (; r0 + 24 <= NR; r0 += 24)
         for (int b = 0; b < nbp; b += 4) scores_tile<3, 4>(q_t, NR, r0, k, ld, D, b, s);
@@ -185,24 +255,25 @@ void block_scores(const tile_state & ts, const float * q_t, const float * k, int
 #endif
 }
 
-// o[r] += sum_b p[b * NR + r] * v[b] for every row, over nb values (value b at v + b * ld).
+// o[r] += sum_b p[ts.at(b, r)] * v[b] for every row, over nb values (value b at v + b * ld).
 void block_accumulate(tile_state & ts, const float * p, const float * v, int ld, int nb) {
-    const int D = ts.D, NR = ts.NR, n = ts.n_rows;
+    const int D = ts.D, n = ts.n_rows;
     float * o = ts.o.data();
+    const size_t bs = ts.at(1, 0) - ts.at(0, 0), rs = ts.at(0, 1) - ts.at(0, 0);  // p's strides
 #if PSE_AVX2
     if (D % 32 == 0) {
         for (int d0 = 0; d0 < D; d0 += 32) {
             int r0 = 0;
-            for (; r0 + 3 <= n; r0 += 3) accumulate_tile<3, 4>(o, D, r0, d0, p, NR, v, ld, nb);
-            for (; r0 < n; ++r0) accumulate_tile<1, 4>(o, D, r0, d0, p, NR, v, ld, nb);
+            for (; r0 + 3 <= n; r0 += 3) accumulate_tile<3, 4>(o, D, r0, d0, p, bs, rs, v, ld, nb);
+            for (; r0 < n; ++r0) accumulate_tile<1, 4>(o, D, r0, d0, p, bs, rs, v, ld, nb);
         }
         return;
     }
     if (D % 8 == 0) {
         for (int d0 = 0; d0 < D; d0 += 8) {
             int r0 = 0;
-            for (; r0 + 3 <= n; r0 += 3) accumulate_tile<3, 1>(o, D, r0, d0, p, NR, v, ld, nb);
-            for (; r0 < n; ++r0) accumulate_tile<1, 1>(o, D, r0, d0, p, NR, v, ld, nb);
+            for (; r0 + 3 <= n; r0 += 3) accumulate_tile<3, 1>(o, D, r0, d0, p, bs, rs, v, ld, nb);
+            for (; r0 < n; ++r0) accumulate_tile<1, 1>(o, D, r0, d0, p, bs, rs, v, ld, nb);
         }
         return;
     }
@@ -210,7 +281,7 @@ void block_accumulate(tile_state & ts, const float * p, const float * v, int ld,
     for (int r = 0; r < n; ++r) {
         float * orow = o + (size_t) r * D;
         for (int b = 0; b < nb; ++b) {
-            const float pb = p[(size_t) b * NR + r];
+            const float pb = p[ts.at(b, r)];
             if (pb == 0.0f) continue;
             const float * vb = v + (size_t) b * ld;
             for (int d = 0; d < D; ++d) orow[d] += pb * vb[d];
@@ -223,16 +294,15 @@ void block_accumulate(tile_state & ts, const float * p, const float * v, int ld,
 // the block's nb keys. sg (grouped scores, or null) and sn (neighbor scores, or null) merge into s.
 void block_mask(tile_state & ts, float * s, const float * sg, const float * sn, int32_t j0, int nb, int nbp,
                 int32_t W) {
-    const int NR = ts.NR;
+    const int n = ts.keys_in_lanes ? ts.n_rows : ts.NR;
     const float neg_inf = -std::numeric_limits<float>::infinity();
     for (int b = 0; b < nbp; ++b) {
         const int32_t j = j0 + b;
-        float * sb = s + (size_t) b * NR;
-        for (int r = 0; r < NR; ++r) {
+        for (int r = 0; r < n; ++r) {
             const int32_t i = ts.pos[r];
             const bool visible = b < nb && j <= i;
-            const float score = (sg && (!sn || i - j >= W)) ? sg[(size_t) b * NR + r] : sn[(size_t) b * NR + r];
-            sb[r] = visible ? score : neg_inf;
+            const size_t at = ts.at(b, r);
+            s[at] = visible ? ((sg && (!sn || i - j >= W)) ? sg[at] : sn[at]) : neg_inf;
         }
     }
 }
@@ -244,7 +314,30 @@ void block_softmax(tile_state & ts, float * s, int nbp) {
     float * m = ts.m.data(), * l = ts.l.data(), * alpha = ts.alpha.data();
 #if PSE_AVX2
     const __m256 neg_inf = _mm256_set1_ps(-std::numeric_limits<float>::infinity());
-    for (int r = 0; r < NR; r += 8) {
+    // Keys in lanes: the same operations on each row's values, and its sum key by key (the rows'
+    // sums side by side: one row's alone would wait on each add).
+    if (ts.keys_in_lanes) {
+        const int n = ts.n_rows;
+        float sum[kLanes] = {};
+        for (int r = 0; r < n; ++r) {
+            float * sr = s + (size_t) r * kBlock;
+            __m256 mb = neg_inf;
+            for (int b = 0; b < nbp; b += 8) mb = _mm256_max_ps(mb, _mm256_loadu_ps(sr + b));
+            __m128 h = _mm_max_ps(_mm256_castps256_ps128(mb), _mm256_extractf128_ps(mb, 1));
+            h = _mm_max_ps(h, _mm_movehl_ps(h, h));
+            h = _mm_max_ss(h, _mm_movehdup_ps(h));
+            const float m_new = std::max(_mm_cvtss_f32(h), m[r]);
+            const float shift = m_new == -std::numeric_limits<float>::infinity() ? 0.0f : m_new;
+            alpha[r] = _mm256_cvtss_f32(exp8(_mm256_set1_ps(m[r] - shift)));
+            m[r] = m_new;
+            for (int b = 0; b < nbp; b += 8)
+                _mm256_storeu_ps(sr + b, exp8(_mm256_sub_ps(_mm256_loadu_ps(sr + b), _mm256_set1_ps(shift))));
+        }
+        for (int b = 0; b < nbp; ++b)
+            for (int r = 0; r < n; ++r) sum[r] += s[(size_t) r * kBlock + b];
+        for (int r = 0; r < n; ++r) l[r] = std::fma(l[r], alpha[r], sum[r]);
+    }
+    for (int r = 0; !ts.keys_in_lanes && r < NR; r += 8) {
         __m256 mb = neg_inf;
         for (int b = 0; b < nbp; ++b) mb = _mm256_max_ps(mb, _mm256_loadu_ps(s + (size_t) b * NR + r));
         const __m256 m_old = _mm256_loadu_ps(m + r);
@@ -293,6 +386,7 @@ void block_softmax(tile_state & ts, float * s, int nbp) {
 struct block_rows {
     int ld = 0;                // n_head_kv * D: from one key's row to the next
     std::vector<float> kg, kn, v;
+    std::vector<float> kgT, knT;  // for tiles with keys in lanes: K transposed, [n_head_kv][D][kBlock]
     int32_t j0 = 0;            // the block's first key
     int nb = 0, nbp = 0;       // its keys, and that rounded up to a multiple of 8 (scores 8 at a time)
     bool any_grp = false, any_nb = false;  // whether some row of the tile sees a grouped / neighbor key
@@ -311,7 +405,8 @@ struct cache_rows {
 // at i sees key j grouped when i - j >= W, as a neighbor when 0 <= i - j < W).
 template <typename KRows, typename NbRows, typename VRows>
 void load_block(block_rows & br, const cache_rows & c, int n_head_kv, int D, int32_t W, int32_t j0, int nb,
-                int32_t i_min, int32_t i_max, const KRows & k_row, const NbRows & nb_row, const VRows & v_row) {
+                int32_t i_min, int32_t i_max, bool transpose, const KRows & k_row, const NbRows & nb_row,
+                const VRows & v_row) {
     const int nbp = (nb + 7) & ~7;  // the tail keys are zero
     const int32_t j_last = j0 + nb - 1;
     br.j0 = j0;
@@ -333,13 +428,28 @@ void load_block(block_rows & br, const cache_rows & c, int n_head_kv, int D, int
         }
     }
     for (auto * buf : {&br.kg, &br.kn}) std::fill(buf->begin() + (size_t) nb * br.ld, buf->begin() + (size_t) nbp * br.ld, 0.0f);
+#if PSE_AVX2
+    for (int g = 0; transpose && g < n_head_kv; ++g) {
+        const size_t col = (size_t) g * D, head = (size_t) g * D * kBlock;
+        if (br.any_grp) transpose_block(br.kg.data() + col, br.ld, br.kgT.data() + head, D, nbp);
+        if (br.any_nb) transpose_block(br.kn.data() + col, br.ld, br.knT.data() + head, D, nbp);
+    }
+#else
+    (void) transpose;  // keys in lanes is an AVX2 layout
+#endif
 }
 
 // Folds the converted block of KV head g into every row of its tile.
 void attend_block(tile_state & ts, const block_rows & br, int g, int32_t W, int32_t i_min) {
     const size_t col = (size_t) g * ts.D;
-    if (br.any_grp) block_scores(ts, ts.qg_t.data(), br.kg.data() + col, br.ld, br.nbp, ts.sg.data());
-    if (br.any_nb) block_scores(ts, ts.qn_t.data(), br.kn.data() + col, br.ld, br.nbp, ts.sn.data());
+    if (ts.keys_in_lanes) {
+        const size_t head = (size_t) g * ts.D * kBlock;
+        if (br.any_grp) block_scores(ts, ts.qg_t.data(), br.kgT.data() + head, kBlock, br.nbp, ts.sg.data());
+        if (br.any_nb) block_scores(ts, ts.qn_t.data(), br.knT.data() + head, kBlock, br.nbp, ts.sn.data());
+    } else {
+        if (br.any_grp) block_scores(ts, ts.qg_t.data(), br.kg.data() + col, br.ld, br.nbp, ts.sg.data());
+        if (br.any_nb) block_scores(ts, ts.qn_t.data(), br.kn.data() + col, br.ld, br.nbp, ts.sn.data());
+    }
     float * s = br.any_grp ? ts.sg.data() : ts.sn.data();
     // Only the blocks where the kinds meet, or the causal edge, or the range's end need a mask.
     if ((br.any_grp && br.any_nb) || br.j0 + br.nb - 1 > i_min || br.nb < br.nbp) {
@@ -364,9 +474,19 @@ struct kernel_scratch {
         heads.assign(n_head_kv, tile_state());
         for (tile_state & ts : heads) ts.init(D, max_rows);
         br.ld = n_head_kv * D;
-        for (auto * buf : {&br.kg, &br.kn, &br.v}) buf->assign((size_t) kBlock * br.ld, 0.0f);
+        for (auto * buf : {&br.kg, &br.kn, &br.v, &br.kgT, &br.knT}) buf->assign((size_t) kBlock * br.ld, 0.0f);
     }
 };
+
+// Each thread's buffers outlive the call: allocating and zeroing them anew for every layer of
+// every decoding step is work the step need not do. Every value is written before it is read.
+// Not inlined: in a shared library a thread_local is reached through __tls_get_addr, and GCC,
+// counting its address cheap to recompute, called it again for every cache row converted (7% of
+// decoding at 32k); through an opaque call the address is taken once.
+[[gnu::noinline]] kernel_scratch & thread_scratch() {
+    thread_local kernel_scratch scratch;
+    return scratch;
+}
 
 constexpr int kTile = 16;  // tokens whose queries share one pass over the keys (prefill)
 
@@ -388,9 +508,7 @@ void selfextend_forward(ggml_tensor * dst, int ith, int nth, const selfextend_op
     const cache_rows cache{(const char *) k->data, (const char *) k_nb->data, (const char *) v->data,
                            (size_t) k->nb[2], (size_t) k_nb->nb[2], (size_t) v->nb[2],
                            (size_t) k->nb[1], (size_t) k_nb->nb[1], (size_t) v->nb[1], p.nb_lo, p.ring_size};
-    // Each thread's buffers outlive the call: allocating and zeroing them anew for every layer of
-    // every decoding step is work the step need not do. Every value is written before it is read.
-    thread_local kernel_scratch scratch;
+    kernel_scratch & scratch = thread_scratch();
     scratch.fit(n_head_kv, D, kTile * R);
     block_rows & br = scratch.br;
     std::vector<tile_state> & heads = scratch.heads;
@@ -399,21 +517,28 @@ void selfextend_forward(ggml_tensor * dst, int ith, int nth, const selfextend_op
     for (int64_t item = ith; item < n_items; item += nth) {
         const int32_t c = (int32_t) (item % C);
         const int32_t t0 = (int32_t) (item / C) * kTile, t1 = std::min(T, t0 + kTile);
+#if PSE_AVX2
+        const bool keys_in_lanes = (t1 - t0) * R < kLanes && D % 8 == 0;
+#else
+        const bool keys_in_lanes = false;
+#endif
 
         for (int g = 0; g < n_head_kv; ++g) {
             // Pack the tile's queries, scaled by 1/sqrt(D), row r = (t - t0) * R + head - g * R.
             tile_state & ts = heads[g];
             ts.n_rows = (t1 - t0) * R;
             ts.NR = (ts.n_rows + kLanes - 1) / kLanes * kLanes;
+            ts.keys_in_lanes = keys_in_lanes;
             for (int r = 0; r < ts.NR; ++r) {
                 const int rr = r < ts.n_rows ? r : 0;  // padding lanes repeat row 0
                 const int32_t t = t0 + rr / R;
                 const int h = g * R + rr % R;
                 const float * qn = (const float *) ((const char *) q_n->data + t * q_n->nb[2] + h * q_n->nb[1]);
                 const float * qg = (const float *) ((const char *) q_g->data + t * q_g->nb[2] + h * q_g->nb[1]);
-                for (int d = 0; d < D; ++d) {
-                    ts.qn_t[(size_t) d * ts.NR + r] = qn[d] * p.scale;
-                    ts.qg_t[(size_t) d * ts.NR + r] = qg[d] * p.scale;
+                const size_t at = keys_in_lanes ? (size_t) r * D : r, step = keys_in_lanes ? 1 : ts.NR;
+                for (int d = 0; d < D && (r < ts.n_rows || !keys_in_lanes); ++d) {
+                    ts.qn_t[at + d * step] = qn[d] * p.scale;
+                    ts.qg_t[at + d * step] = qg[d] * p.scale;
                 }
                 ts.pos[r] = p.n_past + t;
             }
@@ -428,7 +553,7 @@ void selfextend_forward(ggml_tensor * dst, int ith, int nth, const selfextend_op
         const int32_t i_min = p.n_past + t0, i_max = p.n_past + t1 - 1;
         for (int32_t j0 = lo; j0 < hi; j0 += kBlock) {
             const int nb = std::min<int32_t>(kBlock, hi - j0);
-            load_block(br, cache, n_head_kv, D, W, j0, nb, i_min, i_max, k_row, nb_row, v_row);
+            load_block(br, cache, n_head_kv, D, W, j0, nb, i_min, i_max, keys_in_lanes, k_row, nb_row, v_row);
             for (int g = 0; g < n_head_kv; ++g) attend_block(heads[g], br, g, W, i_min);
         }
 
