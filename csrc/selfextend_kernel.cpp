@@ -20,7 +20,7 @@ namespace {
 
 // ---- row readers: one cache row to f32 -----------------------------------------------------
 // The K/V rows of a block are converted once and then serve every query row of the tile. f16 and
-// f32 are inlined; a quantized cache (q8_0) goes through ggml's own dequantization.
+// f32 and q8_0 are inlined.
 struct f32_rows {
     void operator()(float * dst, const char * src, int n) const { std::memcpy(dst, src, sizeof(float) * n); }
 };
@@ -36,9 +36,30 @@ struct f16_rows {
         for (; i < n; ++i) dst[i] = ggml_fp16_to_fp32(src[i]);
     }
 };
-struct quantized_rows {
-    ggml_to_float_t dequantize;
-    void operator()(float * dst, const char * src, int n) const { dequantize(src, dst, n); }
+// q8_0 (the quantized cache kv_cache allows): blocks of 32 values, an f16 scale and 32 int8 (ggml's
+// layout, checked against ggml's block size where the op is chosen). Inlined like f16: ggml's own
+// dequantization is a call per row and a scalar loop, and decoding converts every row of the cache.
+// The same value as ggml's, q * d rounded once.
+struct q8_0_rows {
+    static constexpr int kValues = 32;
+    static constexpr size_t kBytes = sizeof(ggml_fp16_t) + kValues;
+    void operator()(float * dst, const char * src, int n) const {
+        for (int i = 0; i < n; i += kValues, src += kBytes) {
+            ggml_fp16_t scale;
+            std::memcpy(&scale, src, sizeof(scale));
+            const int8_t * q = (const int8_t *) (src + sizeof(scale));
+#if PSE_AVX2
+            const __m256 d = _mm256_set1_ps(_cvtsh_ss(scale));
+            for (int j = 0; j < kValues; j += 8) {
+                const __m256i qi = _mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i *) (q + j)));
+                _mm256_storeu_ps(dst + i + j, _mm256_mul_ps(_mm256_cvtepi32_ps(qi), d));
+            }
+#else
+            const float d = ggml_fp16_to_fp32(scale);
+            for (int j = 0; j < kValues; ++j) dst[i + j] = q[j] * d;
+#endif
+        }
+    }
 };
 
 // ---- layout ------------------------------------------------------------------------------------
@@ -581,15 +602,15 @@ void selfextend_forward(ggml_tensor * dst, int ith, int nth, const selfextend_op
 void selfextend_op(ggml_tensor * dst, int ith, int nth, void * userdata) {
     const selfextend_op_params & p = *(const selfextend_op_params *) userdata;
     // The cache types the engine allows (kv_cache::type_from_name): f16 or f32 throughout, or a
-    // quantized K/V with an f16 neighbor ring.
+    // q8_0 K/V with an f16 neighbor ring.
     const ggml_type tk = dst->src[2]->type, tv = dst->src[3]->type, tnb = dst->src[4]->type;
     if (tk == GGML_TYPE_F16 && tv == GGML_TYPE_F16 && tnb == GGML_TYPE_F16) {
         selfextend_forward(dst, ith, nth, p, f16_rows{}, f16_rows{}, f16_rows{});
     } else if (tk == GGML_TYPE_F32 && tv == GGML_TYPE_F32 && tnb == GGML_TYPE_F32) {
         selfextend_forward(dst, ith, nth, p, f32_rows{}, f32_rows{}, f32_rows{});
-    } else if (ggml_is_quantized(tk) && ggml_is_quantized(tv) && tnb == GGML_TYPE_F16) {
-        selfextend_forward(dst, ith, nth, p, quantized_rows{ggml_get_type_traits(tk)->to_float}, f16_rows{},
-                           quantized_rows{ggml_get_type_traits(tv)->to_float});
+    } else if (tk == GGML_TYPE_Q8_0 && tv == GGML_TYPE_Q8_0 && tnb == GGML_TYPE_F16 &&
+               ggml_blck_size(GGML_TYPE_Q8_0) == q8_0_rows::kValues && ggml_type_size(GGML_TYPE_Q8_0) == q8_0_rows::kBytes) {
+        selfextend_forward(dst, ith, nth, p, q8_0_rows{}, f16_rows{}, q8_0_rows{});
     } else {
         GGML_ABORT("selfextend: unexpected K/V cache types");  // kv_cache allows none other
     }
