@@ -24,14 +24,13 @@ Engines:
 Ratios are pyselfextend (selfextend) / llama.cpp, against the faster llama.cpp engine at each
 depth: above 1 means pyselfextend is faster or, for memory, uses more.
 
-Beside tokens/s: the machine's limits, measured first (f32 multiply-add GFLOP/s and memory read
-GB/s with the same threads), attention GFLOP/s (the attention FLOPs of the prefill over its whole
+Beside tokens/s: the machine's limits, measured after the engines (f32 multiply-add GFLOP/s and
+memory read GB/s with the same threads), attention GFLOP/s (the attention FLOPs of the prefill over its whole
 time: a lower bound on the attention's own speed) and cache GB/s (the K/V bytes a decoding step
 reads over its whole time).
 """
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import resource
@@ -39,7 +38,7 @@ import statistics
 import subprocess
 import sys
 import time
-from typing import Dict, List
+from typing import Callable, Dict, List, Optional, Sequence
 
 import numpy as np
 
@@ -141,7 +140,7 @@ def _serve_worker(engine: str, path: str, threads: int, cache_type: str, n_ctx: 
 
 
 def _measure(engines: List[str], path: str, threads: int, cache_type: str, depths: List[int], n_prompt: int,
-             n_gen: int, reps: int) -> Dict[str, Dict]:
+             n_gen: int, reps: int, log: Callable[[str], None]) -> Dict[str, Dict]:
     """Every engine through every depth, the repetitions interleaved across engines."""
     n_ctx = max(depths) + max(n_prompt, n_gen) + 16
     workers: List[_Worker] = []
@@ -160,8 +159,8 @@ def _measure(engines: List[str], path: str, threads: int, cache_type: str, depth
                         out[w.engine]["depths"][str(depth)][kind].append(w.ask(kind, depth)["tokens_per_second"])
             for w in workers:
                 m = out[w.engine]["depths"][str(depth)]
-                print(f"  {w.engine}: depth {depth}: prefill {statistics.median(m['prefill']):.1f} t/s, decode "
-                      f"{statistics.median(m['decode']):.1f} t/s", file=sys.stderr, flush=True)
+                log(f"  {w.engine}: depth {depth}: prefill {statistics.median(m['prefill']):.1f} t/s, decode "
+                    f"{statistics.median(m['decode']):.1f} t/s")
         for w in workers:
             out[w.engine]["peak_rss_bytes"] = w.ask("done")["peak_rss_bytes"]
         return out
@@ -171,13 +170,13 @@ def _measure(engines: List[str], path: str, threads: int, cache_type: str, depth
 
 
 def _run_llama_bench(binary: str, path: str, threads: int, cache_type: str, depths: List[int], n_prompt: int,
-                     n_gen: int, reps: int, flash_attn: List[bool]) -> Dict[str, Dict]:
+                     n_gen: int, reps: int, flash_attn: List[bool], log: Callable[[str], None]) -> Dict[str, Dict]:
     """llama.cpp's llama-bench with the same settings; results shaped as _measure's."""
     n_batch = max(512, n_prompt)
     cmd = [binary, "-m", path, "-p", str(n_prompt), "-n", str(n_gen), "-d", ",".join(map(str, depths)),
            "-t", str(threads), "-b", str(n_batch), "-ub", str(n_batch), "-ctk", cache_type, "-ctv", cache_type,
            "-fa", ",".join("1" if fa else "0" for fa in flash_attn), "-r", str(reps), "-o", "json", "--progress"]
-    print("bench: " + " ".join(cmd), file=sys.stderr, flush=True)
+    log("bench: " + " ".join(cmd))
     try:
         r = subprocess.run(cmd, stdout=subprocess.PIPE, text=True)  # its progress goes to our stderr
     except OSError as e:
@@ -208,43 +207,54 @@ def cache_bytes_read(shape: Dict[str, int], cache_type: str, depth: int, n_gen: 
     return per_token * (depth + (n_gen + 1) / 2)
 
 
-def run_bench(args: argparse.Namespace) -> int:
+def _log(msg: str) -> None:
+    print(msg, file=sys.stderr, flush=True)
+
+
+def run_bench(model: Optional[str] = None, *, threads: Optional[int] = None, cache_type: str = "f16",
+              depths: Sequence[int] = (0,), n_prompt: int = 512, n_gen: int = 128, repetitions: int = 3,
+              engines: Optional[Sequence[str]] = None, llama_bench: Optional[str] = None,
+              log: Callable[[str], None] = _log) -> Dict[str, object]:
+    """Measures the engines (default: all that run ``cache_type``) on ``model`` (a GGUF file or
+    catalogue name; default: the default model) and returns the report that ``--json`` prints:
+    per engine and depth the median tokens/s of prefill and decode, attention GFLOP/s, cache GB/s
+    and time to read from empty, peak RSS, the machine's roofline, and the ratios against llama.cpp.
+    Progress goes to ``log``."""
     from . import _engine
     from .model import _default_threads
     from .models import resolve_model
 
-    path = str(resolve_model(args.model))
-    threads = args.threads or _default_threads()
-    depths = sorted(set(args.depths))
-    if args.engines is not None:
-        engines = [e.strip() for e in args.engines.split(",")]
-    elif not _engine.reference_needs_flash_attn(args.cache_type):
+    path = str(resolve_model(model))
+    threads = threads or _default_threads()
+    depths = sorted(set(depths))
+    if engines is not None:
+        engines = list(engines)
+    elif not _engine.reference_needs_flash_attn(cache_type):
         engines = list(ENGINES)
     else:
         engines = [e for e in ENGINES if e != "llama.cpp"]
-        print(f"bench: llama.cpp runs a {args.cache_type} KV cache only with flash attention: engine llama.cpp left out",
-              file=sys.stderr)
+        log(f"bench: llama.cpp runs a {cache_type} KV cache only with flash attention: engine llama.cpp left out")
     for e in engines:
         if e not in ENGINES:
             raise ValueError(f"unknown engine {e!r}; choose from {', '.join(ENGINES)}")
-    print(f"bench: {path}, {threads} threads, {args.cache_type} cache, prefill {args.n_prompt}, decode {args.n_gen}, "
-          f"depths {depths}, {args.repetitions} repetitions, engines {', '.join(engines)}", file=sys.stderr, flush=True)
+    log(f"bench: {path}, {threads} threads, {cache_type} cache, prefill {n_prompt}, decode {n_gen}, "
+        f"depths {depths}, {repetitions} repetitions, engines {', '.join(engines)}")
 
-    results = _measure(engines, path, threads, args.cache_type, depths, args.n_prompt, args.n_gen, args.repetitions)
-    if args.llama_bench:
+    results = _measure(engines, path, threads, cache_type, depths, n_prompt, n_gen, repetitions, log)
+    if llama_bench:
         shape = next(iter(results.values()))["shape"]
-        flash = [True] if _engine.reference_needs_flash_attn(args.cache_type) else [True, False]
-        for e, r in _run_llama_bench(args.llama_bench, path, threads, args.cache_type, depths, args.n_prompt, args.n_gen,
-                                     args.repetitions, flash).items():
+        flash = [True] if _engine.reference_needs_flash_attn(cache_type) else [True, False]
+        for e, r in _run_llama_bench(llama_bench, path, threads, cache_type, depths, n_prompt, n_gen,
+                                     repetitions, flash, log).items():
             results[e] = {**r, "shape": shape}
     # The machine's limits last, once nothing else of ours runs: its 512 MiB buffer, touched before
     # the engines' processes were forked, would count in their peak memory.
     roof = _engine.roofline(threads)
-    print(f"bench: this machine with {threads} threads: {roof['fma_gflops']:.0f} GFLOP/s f32 multiply-add, "
-          f"{roof['read_gb_per_s']:.1f} GB/s memory reads", file=sys.stderr, flush=True)
+    log(f"bench: this machine with {threads} threads: {roof['fma_gflops']:.0f} GFLOP/s f32 multiply-add, "
+        f"{roof['read_gb_per_s']:.1f} GB/s memory reads")
 
-    report = {"model": path, "threads": threads, "cache_type": args.cache_type, "n_prompt": args.n_prompt, "n_gen": args.n_gen,
-              "repetitions": args.repetitions, "date": time.strftime("%Y-%m-%d"), "roofline": roof, "engines": {},
+    report = {"model": path, "threads": threads, "cache_type": cache_type, "n_prompt": n_prompt, "n_gen": n_gen,
+              "repetitions": repetitions, "date": time.strftime("%Y-%m-%d"), "roofline": roof, "engines": {},
               "ratios": {}}
     for e, r in results.items():
         depth_report = {}
@@ -256,8 +266,8 @@ def run_bench(args: argparse.Namespace) -> int:
                 m["read_seconds"] = read_seconds
             # Attention's share of the work, at the whole step's speed: a lower bound on how fast
             # attention itself ran, to set beside the machine's limits.
-            m["attention_gflops"] = attention_flops(r["shape"], int(d), args.n_prompt) * m["prefill"] / args.n_prompt / 1e9
-            m["cache_gb_per_s"] = cache_bytes_read(r["shape"], args.cache_type, int(d), args.n_gen) * m["decode"] / 1e9
+            m["attention_gflops"] = attention_flops(r["shape"], int(d), n_prompt) * m["prefill"] / n_prompt / 1e9
+            m["cache_gb_per_s"] = cache_bytes_read(r["shape"], cache_type, int(d), n_gen) * m["decode"] / 1e9
             depth_report[d] = m
         report["engines"][e] = {
             "peak_rss_bytes": r["peak_rss_bytes"],
@@ -284,37 +294,44 @@ def run_bench(args: argparse.Namespace) -> int:
             report["ratios"][d] = ratios
         if llamas:  # llama-bench's memory is not measured
             report["ratios"]["peak_rss_vs_" + llamas[0]] = results[base]["peak_rss_bytes"] / results[llamas[0]]["peak_rss_bytes"]
+    return report
 
-    if args.json:
-        print(json.dumps(report, indent=2))
-        return 0
-    print(f"model {path}\n{threads} threads, {args.cache_type} KV cache; median of {args.repetitions}; prefill = {args.n_prompt} tokens in one "
-          f"batch after DEPTH cached tokens, decode = {args.n_gen} tokens one at a time after them; tokens/s")
-    print(f"machine limits with {threads} threads: {roof['fma_gflops']:.0f} GFLOP/s (f32 multiply-add), "
-          f"{roof['read_gb_per_s']:.1f} GB/s (memory reads); attention GFLOP/s = attention FLOPs of the prefill / its "
-          f"time, cache GB/s = K/V bytes a decoding step reads / its time")
-    print(f"{'depth':>7}  {'engine':<14} {'prefill':>9} {'decode':>9} {'attn GFLOP/s':>13} {'cache GB/s':>11}")
-    for d in map(str, depths):
-        for e, r in report["engines"].items():
+
+def format_report(report: Dict[str, object]) -> str:
+    """``run_bench``'s report as the table ``pyselfextend bench`` prints."""
+    roof, threads = report["roofline"], report["threads"]
+    engines: Dict[str, Dict] = report["engines"]
+    depths = list(next(iter(engines.values()))["depths"])
+    base = "selfextend" if "selfextend" in engines else "ordinary"
+    lines = [f"model {report['model']}",
+             f"{threads} threads, {report['cache_type']} KV cache; median of {report['repetitions']}; prefill = "
+             f"{report['n_prompt']} tokens in one batch after DEPTH cached tokens, decode = {report['n_gen']} tokens one "
+             "at a time after them; tokens/s",
+             f"machine limits with {threads} threads: {roof['fma_gflops']:.0f} GFLOP/s (f32 multiply-add), "
+             f"{roof['read_gb_per_s']:.1f} GB/s (memory reads); attention GFLOP/s = attention FLOPs of the prefill / its "
+             "time, cache GB/s = K/V bytes a decoding step reads / its time",
+             f"{'depth':>7}  {'engine':<14} {'prefill':>9} {'decode':>9} {'attn GFLOP/s':>13} {'cache GB/s':>11}"]
+    for d in depths:
+        for e, r in engines.items():
             m = r["depths"][d]
-            print(f"{d:>7}  {e:<14} {m['prefill']:>9.1f} {m['decode']:>9.1f} {m['attention_gflops']:>13.1f} "
-                  f"{m['cache_gb_per_s']:>11.2f}")
+            lines.append(f"{d:>7}  {e:<14} {m['prefill']:>9.1f} {m['decode']:>9.1f} {m['attention_gflops']:>13.1f} "
+                         f"{m['cache_gb_per_s']:>11.2f}")
         for key, label in (("vs_best_llama.cpp", "/ best llama"), ("vs_llama.cpp-fa", "/ llama FA on"),
                            ("vs_best_llama-bench", "/ llama-bench")):
             r = report["ratios"].get(d, {})
             if f"prefill_{key}" in r:
-                print(f"{d:>7}  {base + ' ' + label:<14} {r[f'prefill_{key}']:>8.2f}x {r[f'decode_{key}']:>8.2f}x")
-    print("peak RSS: " + ", ".join(f"{e} {r['peak_rss_bytes'] / 2**20:.0f} MiB" for e, r in report["engines"].items()
-                                   if r["peak_rss_bytes"] is not None))
-    for d in map(str, depths):
-        reads = [(e, r["depths"][d]["read_seconds"]) for e, r in report["engines"].items() if "read_seconds" in r["depths"][d]]
+                lines.append(f"{d:>7}  {base + ' ' + label:<14} {r[f'prefill_{key}']:>8.2f}x {r[f'decode_{key}']:>8.2f}x")
+    lines.append("peak RSS: " + ", ".join(f"{e} {r['peak_rss_bytes'] / 2**20:.0f} MiB" for e, r in engines.items()
+                                          if r["peak_rss_bytes"] is not None))
+    for d in depths:
+        reads = [(e, r["depths"][d]["read_seconds"]) for e, r in engines.items() if "read_seconds" in r["depths"][d]]
         if int(d) > 0 and reads:
-            print(f"time to read {d} tokens from empty (batches of {max(512, args.n_prompt)}): "
-                  + ", ".join(f"{e} {sec:.1f} s" for e, sec in reads))
-    for e, r in report["engines"].items():
+            lines.append(f"time to read {d} tokens from empty (batches of {max(512, int(report['n_prompt']))}): "
+                         + ", ".join(f"{e} {sec:.1f} s" for e, sec in reads))
+    for e, r in engines.items():
         if "group_size" in r and r["group_size"] > 1:
-            print(f"{e}: group_size={r['group_size']} window={r['window']}")
-    return 0
+            lines.append(f"{e}: group_size={r['group_size']} window={r['window']}")
+    return "\n".join(lines)
 
 
 if __name__ == "__main__" and len(sys.argv) > 1 and sys.argv[1] == "--worker":

@@ -9,6 +9,7 @@ import sys
 from typing import List, Optional
 
 from . import models
+from .methods import METHODS
 
 DESCRIPTION = """\
 Run quantized GGUF llama-family models on the CPU, past their trained context.
@@ -405,9 +406,14 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
-    from .bench import run_bench
+    from .bench import format_report, run_bench
 
-    return run_bench(args)
+    engines = None if args.engines is None else [e.strip() for e in args.engines.split(",")]
+    report = run_bench(args.model, threads=args.threads, cache_type=args.cache_type, depths=args.depths,
+                       n_prompt=args.n_prompt, n_gen=args.n_gen, repetitions=args.repetitions, engines=engines,
+                       llama_bench=args.llama_bench)
+    print(json.dumps(report, indent=2) if args.json else format_report(report))
+    return 0
 
 
 def cmd_passkey(args: argparse.Namespace) -> int:
@@ -448,12 +454,10 @@ def cmd_perplexity(args: argparse.Namespace) -> int:
 def cmd_evaluate(args: argparse.Namespace) -> int:
     from pathlib import Path
 
-    from .evaluate import METHODS, run_evaluation
+    from .evaluate import run_evaluation
+    from .methods import methods_named
 
-    methods = [m.strip() for m in args.methods.split(",")]
-    for m in methods:
-        if m not in METHODS:
-            raise ValueError(f"unknown method {m!r}; choose from {', '.join(METHODS)}")
+    methods = methods_named(args.methods)
     lengths = args.lengths
     if args.baseline_lengths:
         baseline_lengths = args.baseline_lengths
@@ -606,8 +610,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--bench-depths", type=_depth_list, default=[0, 4096, 8192, 16384], metavar="LIST",
                    help="bench depths (default 0,4k,8k,16k)")
     p.add_argument("--document", metavar="FILE", help="perplexity document (default: GNU Coding Standards)")
-    p.add_argument("--methods", default="SelfExtend,ordinary,llama.cpp grp-attn 4,YaRN", metavar="LIST",
-                   help="methods to compare (default: all four)")
+    p.add_argument("--methods", default=",".join(METHODS), metavar="LIST",
+                   help=f"methods to compare, of {', '.join(METHODS)} (default: all)")
     p.add_argument("--no-bench", action="store_true", help="skip the speed/memory benchmark")
     p.add_argument("--resume", action="store_true",
                    help="continue an interrupted run into --out: keep the steps its results.json already holds "

@@ -23,6 +23,8 @@ import time
 from pathlib import Path
 from typing import Dict, List, Optional
 
+from .methods import METHODS, Method
+
 GNU_STANDARDS_DEB = "gnu-standards"
 GNU_STANDARDS_MEMBER = "usr/share/info/standards.info.gz"
 
@@ -61,14 +63,6 @@ def describe_gnu_standards(path: Path) -> str:
     return (f"the GNU Coding Standards (`standards.info`, English prose) from Debian's `{GNU_STANDARDS_DEB}` package "
             f"{version}, fetched by `apt-get download {GNU_STANDARDS_DEB}` and unpacked by `pyselfextend evaluate` "
             f"into `{str(path).replace(str(Path.home()), '~')}` (Info navigation lines dropped)")
-
-
-METHODS = {
-    "SelfExtend": {},
-    "ordinary": {"selfextend": False},
-    "llama.cpp grp-attn 4": {"grp_attn_n": 4},
-    "YaRN": {"rope_scaling": "yarn"},
-}
 
 
 BENCH_REPETITIONS = 2  # median of two: the bench fills each engine's cache to the deepest depth once
@@ -114,7 +108,7 @@ def _run_command() -> Optional[str]:
 
 def run_evaluation(model: str, out: Path, lengths: List[int], depths: List[float], ppl_ctx: int, bucket: int,
                    bench_depths: List[int], threads: Optional[int], document: Optional[Path],
-                   methods: List[str], bench: bool = True,
+                   methods: List[Method], bench: bool = True,
                    baseline_lengths: Optional[List[int]] = None, resume: bool = False) -> Dict[str, object]:
     """Runs everything and writes results.json (after every step), perplexity.png and results.md.
 
@@ -127,6 +121,7 @@ def run_evaluation(model: str, out: Path, lengths: List[int], depths: List[float
     are kept as they are and only the rest runs. ``minutes`` counts the time of every step kept."""
     from . import _engine
     from .baselines import open_method
+    from .bench import run_bench
     from .models import resolve_model
     from .passkey import passkey_keys, run_passkey
     from .perplexity import plot, summarize, token_nll
@@ -156,7 +151,8 @@ def run_evaluation(model: str, out: Path, lengths: List[int], depths: List[float
         results_file.write_text(json.dumps(report, indent=2))
 
     keys = passkey_keys(0, lengths, depths, 1)
-    for name in methods:
+    for method in methods:
+        name = method.name
         report["passkey"][name] = []
         for n in lengths if name == "SelfExtend" else baseline_lengths:
             kept = [t for t in (earlier or {}).get("passkey", {}).get(name, []) if t["target_length"] == n]
@@ -164,7 +160,7 @@ def run_evaluation(model: str, out: Path, lengths: List[int], depths: List[float
                 log(f"passkey: {name} at {n}: kept from the earlier run")
             else:
                 kept = run_passkey(path, [n], depths, trials=1, n_threads=threads, log=log, keys=keys,
-                                   show_progress=True, **METHODS[name])
+                                   show_progress=True, **method.options)
             report["passkey"][name] += kept
             save()
 
@@ -173,14 +169,15 @@ def run_evaluation(model: str, out: Path, lengths: List[int], depths: List[float
     report["document_path"] = str(doc).replace(str(Path.home()), "~")
     # Every method reads the file's own tokenizer, so the document is tokenized once.
     ids = list(_engine.Vocab(path).tokenize(Path(doc).read_text(encoding="utf-8"), True, True))[:ppl_ctx]
-    for name in methods:
+    for method in methods:
+        name = method.name
         kept = (earlier or {}).get("perplexity", {}).get(name)
         if (kept and "seconds" in kept and earlier.get("document_path") == report["document_path"]
                 and kept["n_predicted"] == len(ids) - 1 and kept["buckets"][0]["n"] == min(bucket, len(ids) - 1)):
             log(f"perplexity: {name}: kept from the earlier run")
         else:
             started = time.perf_counter()
-            llm = open_method(path, ppl_ctx, threads, **METHODS[name])
+            llm = open_method(path, ppl_ctx, threads, **method.options)
             log(f"perplexity: {name}: {len(ids)} tokens")
             kept = summarize(token_nll(llm, ids, progress=ProgressBar(f"perplexity {name}")), bucket)
             kept["seconds"] = round(time.perf_counter() - started, 2)
@@ -195,12 +192,8 @@ def run_evaluation(model: str, out: Path, lengths: List[int], depths: List[float
                 and list(next(iter(kept["engines"].values()))["depths"]) == [str(d) for d in sorted(set(bench_depths))]):
             log("bench: kept from the earlier run")
         else:
-            cmd = [sys.executable, "-m", "pyselfextend", "bench", "--model", path, "--depths", ",".join(map(str, bench_depths)), "--json",
-                   "--repetitions", str(BENCH_REPETITIONS)]
-            if threads:
-                cmd += ["--threads", str(threads)]
             started = time.perf_counter()
-            kept = json.loads(subprocess.run(cmd, check=True, stdout=subprocess.PIPE, text=True).stdout)
+            kept = run_bench(path, threads=threads, depths=bench_depths, repetitions=BENCH_REPETITIONS, log=log)
             kept["seconds"] = round(time.perf_counter() - started, 2)
         report["bench"] = kept
     save()
@@ -208,27 +201,9 @@ def run_evaluation(model: str, out: Path, lengths: List[int], depths: List[float
     return report
 
 
-# The same runs as single commands, for the page (each method's flags on passkey and perplexity).
-METHOD_FLAGS = {
-    "SelfExtend": "",
-    "ordinary": " --no-selfextend",
-    "llama.cpp grp-attn 4": " --grp-attn-n 4",
-    "YaRN": " --rope-scaling yarn",
-}
-
-
-# What each method is, for the page.
-METHOD_NOTES = {
-    "SelfExtend": "this project: exact positions for keys within W tokens of the query, positions divided by "
-                  "G beyond, both in one softmax; G and W chosen for the length as `LocalModel` does",
-    "ordinary": "plain attention with the model's own RoPE, no extension",
-    "llama.cpp grp-attn 4": "llama.cpp's passkey-example scheme run by libllama itself: before each 512-token "
-                            "prompt batch the cached positions of the previous batch are divided by 4, so only "
-                            "the current batch keeps exact positions (the positions are moved with "
-                            "`llama_memory_seq_add`: the pinned libllama's `seq_div` rotates the cached keys the "
-                            "wrong way)",
-    "YaRN": "plain attention with YaRN RoPE frequency scaling (ggml_rope_ext) by length / trained context",
-}
+def _flags(name: str) -> str:
+    """A method's flags on the command line (none for a name this version does not know)."""
+    return METHODS[name].flags if name in METHODS else ""
 
 
 def _size(n: int) -> str:
@@ -272,7 +247,7 @@ def _passkey_section(r: Dict[str, object], L: int, threads: str) -> List[str]:
     for name, trials in passkey.items():
         lengths = ",".join(_size(n) for n in sorted({int(t["target_length"]) for t in trials}))
         lines.append(f"pyselfextend passkey --lengths {lengths} --depths {','.join(f'{d:g}' for d in depths)} "
-                     f"--seed 0{METHOD_FLAGS.get(name, '')}{threads}")
+                     f"--seed 0{_flags(name)}{threads}")
     return lines + ["```", ""]
 
 
@@ -347,7 +322,7 @@ def _perplexity_section(r: Dict[str, object], L: int, threads: str) -> List[str]
     lines += ["", "The same runs one method at a time (`--plot out.png` draws the curve):", "", "```"]
     for n in names:
         lines.append(f"pyselfextend perplexity -f {r.get('document_path', 'DOCUMENT')} --ctx {ctx} "
-                     f"--bucket {_size(ppl[n]['buckets'][0]['n'])}{METHOD_FLAGS.get(n, '')}{threads}")
+                     f"--bucket {_size(ppl[n]['buckets'][0]['n'])}{_flags(n)}{threads}")
     return lines + ["```", ""]
 
 
@@ -451,9 +426,9 @@ def render_markdown(r: Dict[str, object]) -> str:
              r.get("command") or "pyselfextend evaluate --out docs", "```", "",
              f"The model's trained context is {L} tokens. Every number on this page comes from that run and is "
              "in `results.json` beside it; the page itself is written by the command.", ""]
-    names = [n for n in list(r.get("passkey", {})) + list(r.get("perplexity", {})) if n in METHOD_NOTES]
+    names = [n for n in list(r.get("passkey", {})) + list(r.get("perplexity", {})) if n in METHODS]
     if names:
-        lines += ["Methods:", ""] + [f"- {n}: {METHOD_NOTES[n]}." for n in dict.fromkeys(names)] + [""]
+        lines += ["Methods:", ""] + [f"- {n}: {METHODS[n].note}." for n in dict.fromkeys(names)] + [""]
     lines += _summary(r, L)
     lines += _passkey_section(r, L, threads)
     lines += _perplexity_section(r, L, threads)
