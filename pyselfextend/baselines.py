@@ -63,12 +63,17 @@ class LlamaCppGroupAttention:
     def eval(self, ids: Sequence[int], all_logits: bool = False) -> np.ndarray:
         return self._ref.eval(list(ids), all_logits)
 
+    def prefill(self, ids: Sequence[int]) -> np.ndarray:
+        """Evaluates ``ids`` from an empty cache and returns the last token's logits. Nothing cached
+        is reused: group attention has moved the cached positions."""
+        self.reset()
+        return self.eval(ids)
+
     def generate(self, ids: Sequence[int], max_tokens: int, temperature: float = 0.0) -> str:
         """Greedy continuation of ``ids`` (the only decoding the evaluations use)."""
         if temperature != 0:
             raise ValueError("the group-attention baseline decodes greedily only")
-        self.reset()
-        logits = self.eval(ids)
+        logits = self.prefill(ids)
         decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
         text = ""
         for _ in range(max_tokens):

@@ -1,5 +1,11 @@
 """The passkey retrieval test (Mohtashami & Jaggi, 2023; llama.cpp's passkey example uses the same
-wording): a random number hidden at some depth of repetitive filler text, then asked for."""
+wording): a random number hidden at some depth of repetitive filler text, then asked for.
+
+Each trial is scored twice: found or missed (greedy decoding, the first number of the answer),
+and the log-probability the model gives the key's tokens right after the question (teacher
+forcing: the prompt, then the key's tokens, one evaluation). Found/missed is what a user sees;
+the log-probability separates settings that find the key alike, and one that misses by a digit
+from one that has no idea."""
 from __future__ import annotations
 
 import math
@@ -7,6 +13,8 @@ import random
 import re
 import time
 from typing import Callable, Dict, List, Optional, Tuple
+
+import numpy as np
 
 INTRO = ("There is an important info hidden inside a lot of irrelevant text. Find it and memorize them. "
          "I will quiz you about the important information there.")
@@ -38,6 +46,41 @@ def passkey_prompt(count_tokens: Callable[[str], int], n_tokens: int, depth: flo
     return prompt
 
 
+# The second task: one fact planted in real prose (a long natural document), asked at the end. The
+# prose does not repeat, so the model must find the fact among text that looks like it matters.
+FACT_INTRO = "Read the document below; a question about it follows.\n\n"
+FACT_LINE = " (Added to this copy: the spare key to the print room is kept in locker {key}.) "
+FACT_QUESTION = "\n\nQuestion: in which locker is the spare key to the print room kept? Answer: in locker"
+
+
+def fact_prompt(count_tokens: Callable[[str], int], document: str, n_tokens: int, depth: float, key: int) -> str:
+    """A prompt of at most ``n_tokens`` tokens: the longest beginning of ``document`` that fits,
+    cut after a sentence, with the fact about ``key`` inserted after the sentence nearest to a
+    fraction ``depth`` of it, and the question at the end (never cut)."""
+    if not 0.0 <= depth <= 1.0:
+        raise ValueError(f"depth must be in [0, 1], got {depth}")
+    ends = [i + 1 for i, c in enumerate(document) if c in ".!?" and document[i + 1:i + 2] in (" ", "\n")]
+    if not ends:
+        raise ValueError("the document has no sentence to cut after (no '.', '!' or '?' before a space)")
+
+    def build(cut: int) -> str:
+        text = document[:cut]
+        # where the fact goes: the sentence end nearest to depth * cut (0 and cut count as ends)
+        at = min([0, cut] + [e for e in ends if e <= cut], key=lambda e: abs(e - depth * cut))
+        return FACT_INTRO + text[:at] + FACT_LINE.format(key=key) + text[at:] + FACT_QUESTION
+
+    if count_tokens(build(ends[0])) > n_tokens:
+        raise ValueError(f"the shortest fact prompt is {count_tokens(build(ends[0]))} tokens, longer than {n_tokens}")
+    lo, hi = 0, len(ends) - 1  # the longest cut that fits: token counts grow with the cut
+    while lo < hi:
+        mid = (lo + hi + 1) // 2
+        if count_tokens(build(ends[mid])) <= n_tokens:
+            lo = mid
+        else:
+            hi = mid - 1
+    return build(ends[lo])
+
+
 Cell = Tuple[int, float, int]  # (length, depth, trial)
 
 
@@ -46,6 +89,33 @@ def passkey_keys(seed: int, lengths: List[int], depths: List[float], trials: int
     ``seed``: runs with the same seed whose lengths start alike ask for the same keys."""
     rng = random.Random(seed)
     return {(n, d, t): rng.randint(10000, 99999) for n in lengths for d in depths for t in range(trials)}
+
+
+def answer_ids(llm, prompt: str, prompt_ids: List[int], answer: str) -> List[int]:
+    """The tokens ``answer`` adds after ``prompt`` when the two are tokenized as one text (so that
+    the scored tokens are those the model would write), or ``answer``'s own tokens where the
+    join merges across the boundary."""
+    full = llm.tokenize(prompt + answer)
+    if len(full) > len(prompt_ids) and full[:len(prompt_ids)] == prompt_ids:
+        return full[len(prompt_ids):]
+    return llm.tokenize(answer, add_special=False)
+
+
+def answer_logprob(llm, prompt_ids: List[int], answer: List[int]) -> float:
+    """The natural-log probability the model gives ``answer`` right after ``prompt_ids``,
+    teacher-forced: log P(a_0 | prompt) + log P(a_1 | prompt, a_0) + ... One evaluation of the
+    prompt (``prefill``: a LocalModel that holds it already evaluates nothing again) and of the
+    answer's tokens but the last."""
+    if not answer:
+        raise ValueError("answer_logprob needs at least one answer token")
+    rows = [np.asarray(llm.prefill(prompt_ids), dtype=np.float64)]
+    if len(answer) > 1:
+        rows += list(np.asarray(llm.eval(answer[:-1], all_logits=True), dtype=np.float64))
+    total = 0.0
+    for logits, token in zip(rows, answer):
+        top = logits.max()
+        total += float(logits[token] - top - np.log(np.exp(logits - top).sum()))
+    return total
 
 
 def run_passkey(model_path: str, lengths: List[int], depths: List[float], trials: int = 1, seed: int = 0,
@@ -59,6 +129,7 @@ def run_passkey(model_path: str, lengths: List[int], depths: List[float], trials
 
     The keys are ``passkey_keys(seed, lengths, depths, trials)`` unless ``keys`` gives them."""
     from .baselines import open_method
+    from .methods import label_of
     from .model import LocalModel
 
     if keys is None:
@@ -74,7 +145,8 @@ def run_passkey(model_path: str, lengths: List[int], depths: List[float], trials
         for depth in depths:
             for trial in range(trials):
                 key = keys[(length, depth, trial)]
-                ids = llm.tokenize(passkey_prompt(count, length, depth, key))
+                prompt = passkey_prompt(count, length, depth, key)
+                ids = llm.tokenize(prompt)
                 if len(ids) > length:
                     raise ValueError(f"the shortest passkey prompt is {len(ids)} tokens, longer than {length}")
                 t = time.perf_counter()
@@ -86,33 +158,41 @@ def run_passkey(model_path: str, lengths: List[int], depths: List[float], trials
                 answer = llm.generate(ids, max_tokens=answer_tokens, temperature=0, **kwargs)
                 found = re.search(r"\d+", answer)
                 ok = bool(found) and found.group(0) == str(key)
+                key_ids = answer_ids(llm, prompt, ids, f" {key}")
+                logprob = answer_logprob(llm, ids, key_ids)
                 results.append({"length": len(ids), "target_length": length, "depth": depth, "trial": trial,
-                                "key": key, "answer": answer, "ok": ok,
+                                "key": key, "answer": answer, "ok": ok, "key_logprob": round(logprob, 4),
+                                "key_tokens": len(key_ids),
                                 "seconds": round(time.perf_counter() - t, 2),
                                 "group_size": llm.plan.group_size, "window": llm.plan.window,
-                                "method": _method(llm.plan)})
+                                "method": label_of(llm.plan)})
                 log(f"passkey: length {length} depth {depth} trial {trial}: key {key} answer {answer!r} "
-                    f"{'ok' if ok else 'MISSED'} ({results[-1]['seconds']} s)")
+                    f"{'ok' if ok else 'MISSED'}, log P(key) {logprob:.2f} ({results[-1]['seconds']} s)")
     return results
 
 
-def _method(plan) -> str:
-    if hasattr(plan, "grp_attn_n"):
-        return f"llama.cpp-grp-attn-{plan.grp_attn_n}"
-    if plan.rope_scaling != "none":
-        return f"rope-{plan.rope_scaling}"
-    return "selfextend" if plan.group_size > 1 else "ordinary"
-
-
 def format_table(results: List[Dict[str, object]]) -> str:
-    """A length x depth table of correct/total."""
+    """A length x depth table of found/total, the same for the mean log-probability of the key
+    (nats, over all its tokens), and per length the found rate and that mean with their 95%
+    intervals (Wilson; Student's t)."""
+    from .stats import mean_interval, wilson_interval
+
     lengths = sorted({int(r["target_length"]) for r in results})
     depths = sorted({float(r["depth"]) for r in results})
-    lines = ["length \\ depth " + "".join(f"{d:>9.0%}" for d in depths)]
+    head = "length \\ depth " + "".join(f"{d:>9.0%}" for d in depths)
+    found, logprob, summary = ["found", head], ["log P(key), mean", head], []
     for n in lengths:
-        cells = []
+        found_cells, logprob_cells = [], []
         for d in depths:
             rs = [r for r in results if r["target_length"] == n and r["depth"] == d]
-            cells.append(f"{sum(bool(r['ok']) for r in rs)}/{len(rs)}".rjust(9))
-        lines.append(f"{n:>14} " + "".join(cells))
-    return "\n".join(lines)
+            found_cells.append(f"{sum(bool(r['ok']) for r in rs)}/{len(rs)}".rjust(9))
+            logprob_cells.append(f"{sum(float(r['key_logprob']) for r in rs) / len(rs):9.2f}" if rs else " " * 9)
+        found.append(f"{n:>14} " + "".join(found_cells))
+        logprob.append(f"{n:>14} " + "".join(logprob_cells))
+        rs = [r for r in results if r["target_length"] == n]
+        k = sum(bool(r["ok"]) for r in rs)
+        lo, hi = wilson_interval(k, len(rs))
+        mean, mlo, mhi = mean_interval([float(r["key_logprob"]) for r in rs])
+        summary.append(f"{n:>14}: found {k}/{len(rs)} (95% {lo:.0%}-{hi:.0%}); log P(key) {mean:.2f} "
+                       f"(95% {mlo:.2f} to {mhi:.2f})")
+    return "\n".join(found + [""] + logprob + [""] + summary)

@@ -55,6 +55,7 @@ def test_passkey_command_on_a_tiny_model(tiny_model):
     # as long as asked, never longer (the question is never cut off), short by less than one filler sentence
     assert all(t["target_length"] - 150 <= t["length"] <= t["target_length"] for t in trials)
     assert all(10000 <= t["key"] <= 99999 and isinstance(t["ok"], bool) for t in trials)
+    assert all(t["key_logprob"] < 0 and t["key_tokens"] >= 1 for t in trials)
     assert {t["group_size"] > 1 for t in trials} == {False, True}  # 1600 exceeds the trained 1024
 
 
@@ -64,7 +65,50 @@ def test_smollm_finds_the_key_within_its_trained_context(smollm_path):
 
     results = run_passkey(str(smollm_path), [1500], [0.2, 0.8], trials=1, seed=5, n_threads=2)
     assert all(r["ok"] for r in results), results
-    assert "2/2" not in format_table(results) and "1/1" in format_table(results)
+    table = format_table(results)
+    cells = table.splitlines()[2]  # the found table's row: one trial per depth
+    assert "1/1" in cells and "2/2" not in cells and "found 2/2" in table
+    # a key the model found is one it finds likely
+    assert all(r["key_logprob"] > -2.0 for r in results), results
+
+
+@pytest.mark.model
+def test_the_right_key_is_far_more_likely_than_a_wrong_one(smollm_path):
+    # The continuous score: within the trained context SmolLM2 reads the key, so the key it was
+    # shown is likelier than any other by a wide margin, token by token teacher-forced.
+    from pyselfextend import LocalModel
+    from pyselfextend.passkey import answer_ids, answer_logprob
+
+    llm = LocalModel(smollm_path, n_ctx=2048, n_threads=2)
+    prompt = passkey_prompt(lambda t: len(llm.tokenize(t)), 1500, 0.5, 73914)
+    ids = llm.tokenize(prompt)
+    right = answer_logprob(llm, ids, answer_ids(llm, prompt, ids, " 73914"))
+    wrong = [answer_logprob(llm, ids, answer_ids(llm, prompt, ids, f" {k}")) for k in (73915, 37914, 51620)]
+    assert right > -2.0 and max(wrong) < right - 5.0, (right, wrong)
+
+
+def test_answer_logprob_is_the_log_softmax_of_one_evaluation(tiny_model):
+    # Teacher forcing through prefill (reusing the cache) and a batch of the answer gives what one
+    # fresh evaluation of prompt + answer says of the answer's tokens.
+    import numpy as np
+
+    from pyselfextend import LocalModel
+    from pyselfextend.passkey import answer_ids, answer_logprob
+
+    llm = LocalModel(tiny_model(), n_ctx=256, n_threads=1)
+    prompt = "w1 w2 w3 w4 w5 w6 w7 w8"
+    ids = llm.tokenize(prompt)
+    answer = answer_ids(llm, prompt, ids, " w9 w10")
+    assert len(answer) >= 2 and llm.tokenize(prompt + " w9 w10") == ids + answer
+    llm.generate(ids, max_tokens=5, temperature=0)  # the cache now holds the prompt and more
+    got = answer_logprob(llm, ids, answer)
+
+    llm.reset()
+    rows = llm.eval(ids + answer, all_logits=True).astype(np.float64)[len(ids) - 1:-1]
+    want = sum(float(r[t] - np.log(np.exp(r - r.max()).sum()) - r.max()) for r, t in zip(rows, answer))
+    assert got < 0 and abs(got - want) <= 1e-4 * abs(want), (got, want)
+    with pytest.raises(ValueError, match="at least one answer token"):
+        answer_logprob(llm, ids, [])
 
 
 def test_a_length_too_short_for_the_question_is_a_clear_error(tiny_model):
@@ -74,3 +118,47 @@ def test_a_length_too_short_for_the_question_is_a_clear_error(tiny_model):
     r = subprocess.run([sys.executable, "-m", "pyselfextend", "passkey", "-m", str(tiny_model()), "--lengths", "100",
                         "-t", "1"], capture_output=True, text=True, timeout=120)
     assert r.returncode != 0 and "shortest passkey prompt" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_intervals():
+    from pyselfextend.stats import mean_interval, wilson_interval
+
+    # textbook values of the Wilson interval
+    assert wilson_interval(0, 10) == pytest.approx((0.0, 0.2775), abs=1e-4)
+    assert wilson_interval(5, 10) == pytest.approx((0.2366, 0.7634), abs=1e-4)
+    assert wilson_interval(10, 10)[1] == 1.0
+    assert mean_interval([1.0, 2.0, 3.0, 4.0]) == pytest.approx((2.5, 0.446, 4.554), abs=1e-3)
+    with pytest.raises(ValueError):
+        wilson_interval(3, 2)
+
+
+PROSE = " ".join(f"Sentence number {i} of a document that never repeats itself, about topic {i % 7}." for i in range(800))
+
+
+@pytest.mark.parametrize("depth", [0.0, 0.3, 0.5, 0.9, 1.0])
+def test_fact_prompt_length_and_depth(depth):
+    from pyselfextend.passkey import FACT_LINE, FACT_QUESTION, fact_prompt
+
+    prompt = fact_prompt(words, PROSE, 3000, depth, 4821)
+    longest_sentence = max(words(s) for s in PROSE.split(". "))
+    assert 3000 - longest_sentence - 2 <= words(prompt) <= 3000
+    assert prompt.endswith(FACT_QUESTION) and prompt.count(FACT_LINE.format(key=4821)) == 1
+    body = prompt[:-len(FACT_QUESTION)]
+    at = body.index(FACT_LINE.format(key=4821))
+    doc_before, doc_after = body[:at], body[at + len(FACT_LINE.format(key=4821)):]
+    fraction = len(doc_before) / (len(doc_before) + len(doc_after))
+    assert abs(fraction - depth) <= 0.02, fraction
+    # cut after a sentence, the fact between sentences
+    assert doc_before == "" or doc_before.endswith(".") or doc_before.endswith("\n\n")
+    assert doc_after == "" or doc_after.endswith(".")
+
+
+def test_fact_prompt_errors():
+    from pyselfextend.passkey import fact_prompt
+
+    with pytest.raises(ValueError, match="depth"):
+        fact_prompt(words, PROSE, 3000, -0.1, 1)
+    with pytest.raises(ValueError, match="no sentence"):
+        fact_prompt(words, "no full stop here", 3000, 0.5, 1)
+    with pytest.raises(ValueError, match="shortest fact prompt"):
+        fact_prompt(words, PROSE, 20, 0.5, 1)
