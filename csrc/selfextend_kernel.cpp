@@ -4,6 +4,7 @@
 #include <cmath>
 #include <cstring>
 #include <limits>
+#include <type_traits>
 #include <vector>
 
 #if defined(__AVX2__) && defined(__F16C__) && defined(__FMA__)
@@ -117,11 +118,15 @@ inline void scores_tile(const float * qT, int NR, int r0, const float * k, int l
         for (int v = 0; v < NV; ++v) _mm256_storeu_ps(s + (size_t) (b0 + b) * NR + r0 + 8 * v, acc[b][v]);
 }
 
+// 8 values as f32, from f32 or (converted exactly) from f16.
+inline __m256 load8(const float * x) { return _mm256_loadu_ps(x); }
+inline __m256 load8(const ggml_fp16_t * x) { return _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *) x)); }
+
 // o[r0 + r][d0 .. d0 + 8 NX] += sum_b p_b,r0+r * v[b][d0 ..] for MR rows, over nb keys (value b at
-// v + b * ld; p_b,r at p + b * pb_stride + r * pr_stride, for either layout).
-template <int MR, int NX>
+// v + b * ld, f32 or f16; p_b,r at p + b * pb_stride + r * pr_stride, for either layout).
+template <int MR, int NX, typename VT>
 inline void accumulate_tile(float * o, int D, int r0, int d0, const float * p, size_t pb_stride, size_t pr_stride,
-                            const float * v, int ld, int nb) {
+                            const VT * v, size_t ld, int nb) {
     __m256 acc[MR][NX];
     PSE_UNROLL
     for (int r = 0; r < MR; ++r)
@@ -130,7 +135,7 @@ inline void accumulate_tile(float * o, int D, int r0, int d0, const float * p, s
     for (int b = 0; b < nb; ++b) {
         __m256 vv[NX];
         PSE_UNROLL
-        for (int x = 0; x < NX; ++x) vv[x] = _mm256_loadu_ps(v + (size_t) b * ld + d0 + 8 * x);
+        for (int x = 0; x < NX; ++x) vv[x] = load8(v + b * ld + d0 + 8 * x);
         PSE_UNROLL
         for (int r = 0; r < MR; ++r) {
             const __m256 pb = _mm256_broadcast_ss(p + b * pb_stride + (r0 + r) * pr_stride);
@@ -169,27 +174,35 @@ inline void scores_keys_tile(const float * q, int D, int r0, const float * kT, i
         for (int x = 0; x < nv; ++x) _mm256_storeu_ps(s + (size_t) (r0 + r) * kBlock + 8 * x, acc[r][x]);
 }
 
-// dst[d * kBlock + b] = src[b * ld + d] for keys b < nbp and d < D (both multiples of 8), 8x8 at a time.
-inline void transpose_block(const float * src, int ld, float * dst, int D, int nbp) {
+// The 8x8 block r (row i in r[i]) transposed, stored at dst (column c at dst + c * kBlock).
+inline void store_transposed(__m256 r[8], float * dst) {
+    __m256 t[8];
+    for (int i = 0; i < 8; i += 2) {
+        t[i] = _mm256_unpacklo_ps(r[i], r[i + 1]);
+        t[i + 1] = _mm256_unpackhi_ps(r[i], r[i + 1]);
+    }
+    for (int i = 0; i < 8; i += 4) {
+        r[i] = _mm256_shuffle_ps(t[i], t[i + 2], _MM_SHUFFLE(1, 0, 1, 0));
+        r[i + 1] = _mm256_shuffle_ps(t[i], t[i + 2], _MM_SHUFFLE(3, 2, 3, 2));
+        r[i + 2] = _mm256_shuffle_ps(t[i + 1], t[i + 3], _MM_SHUFFLE(1, 0, 1, 0));
+        r[i + 3] = _mm256_shuffle_ps(t[i + 1], t[i + 3], _MM_SHUFFLE(3, 2, 3, 2));
+    }
+    // r[i], i < 4: column i of rows 0-3 in its low half, column i + 4 in its high; r[i + 4]: rows 4-7.
+    for (int i = 0; i < 4; ++i) {
+        _mm256_storeu_ps(dst + (size_t) i * kBlock, _mm256_permute2f128_ps(r[i], r[i + 4], 0x20));
+        _mm256_storeu_ps(dst + (size_t) (i + 4) * kBlock, _mm256_permute2f128_ps(r[i], r[i + 4], 0x31));
+    }
+}
+
+// dst[d * kBlock + b] = row b's value d for keys b < nbp and d < D (both multiples of 8), 8x8 at a
+// time; row b at src + b * ld, f32 or f16 (rows nb .. nbp are zero).
+template <typename T>
+inline void transpose_block(const T * src, size_t ld, int nb, float * dst, int D, int nbp) {
     for (int b0 = 0; b0 < nbp; b0 += 8) {
         for (int d0 = 0; d0 < D; d0 += 8) {
-            __m256 r[8], t[8];
-            for (int i = 0; i < 8; ++i) r[i] = _mm256_loadu_ps(src + (size_t) (b0 + i) * ld + d0);
-            for (int i = 0; i < 8; i += 2) {
-                t[i] = _mm256_unpacklo_ps(r[i], r[i + 1]);
-                t[i + 1] = _mm256_unpackhi_ps(r[i], r[i + 1]);
-            }
-            for (int i = 0; i < 8; i += 4) {
-                r[i] = _mm256_shuffle_ps(t[i], t[i + 2], _MM_SHUFFLE(1, 0, 1, 0));
-                r[i + 1] = _mm256_shuffle_ps(t[i], t[i + 2], _MM_SHUFFLE(3, 2, 3, 2));
-                r[i + 2] = _mm256_shuffle_ps(t[i + 1], t[i + 3], _MM_SHUFFLE(1, 0, 1, 0));
-                r[i + 3] = _mm256_shuffle_ps(t[i + 1], t[i + 3], _MM_SHUFFLE(3, 2, 3, 2));
-            }
-            // r[i], i < 4: column i of rows 0-3 in its low half, column i + 4 in its high; r[i + 4]: rows 4-7.
-            for (int i = 0; i < 4; ++i) {
-                _mm256_storeu_ps(dst + (size_t) (d0 + i) * kBlock + b0, _mm256_permute2f128_ps(r[i], r[i + 4], 0x20));
-                _mm256_storeu_ps(dst + (size_t) (d0 + i + 4) * kBlock + b0, _mm256_permute2f128_ps(r[i], r[i + 4], 0x31));
-            }
+            __m256 r[8];
+            for (int i = 0; i < 8; ++i) r[i] = b0 + i < nb ? load8(src + (b0 + i) * ld + d0) : _mm256_setzero_ps();
+            store_transposed(r, dst + (size_t) d0 * kBlock + b0);
         }
     }
 }
@@ -217,6 +230,9 @@ inline __m256 exp8(__m256 x) {
 #endif
 
 // ---- one block of keys -----------------------------------------------------------------------
+
+inline float to_f32(float x) { return x; }
+inline float to_f32(ggml_fp16_t x) { return ggml_fp16_to_fp32(x); }
 
 // A tile's query rows, packed once per work item, and its running softmax state.
 struct tile_state {
@@ -277,11 +293,12 @@ void block_scores(const tile_state & ts, const float * q_t, const float * k, int
 }
 
 // o[r] += sum_b p[ts.at(b, r)] * v[b] for every row, over nb values (value b at v + b * ld).
-void block_accumulate(tile_state & ts, const float * p, const float * v, int ld, int nb) {
+template <typename VT>
+void block_accumulate(tile_state & ts, const float * p, const VT * v, size_t ld, int nb) {
     const int D = ts.D, n = ts.n_rows;
     float * o = ts.o.data();
-    const size_t bs = ts.at(1, 0) - ts.at(0, 0), rs = ts.at(0, 1) - ts.at(0, 0);  // p's strides
 #if PSE_AVX2
+    const size_t bs = ts.at(1, 0) - ts.at(0, 0), rs = ts.at(0, 1) - ts.at(0, 0);  // p's strides
     if (D % 32 == 0) {
         for (int d0 = 0; d0 < D; d0 += 32) {
             int r0 = 0;
@@ -304,8 +321,8 @@ void block_accumulate(tile_state & ts, const float * p, const float * v, int ld,
         for (int b = 0; b < nb; ++b) {
             const float pb = p[ts.at(b, r)];
             if (pb == 0.0f) continue;
-            const float * vb = v + (size_t) b * ld;
-            for (int d = 0; d < D; ++d) orow[d] += pb * vb[d];
+            const VT * vb = v + b * ld;
+            for (int d = 0; d < D; ++d) orow[d] += pb * to_f32(vb[d]);
         }
     }
 }
@@ -408,6 +425,10 @@ struct block_rows {
     int ld = 0;                // n_head_kv * D: from one key's row to the next
     std::vector<float> kg, kn, v;
     std::vector<float> kgT, knT;  // for tiles with keys in lanes: K transposed, [n_head_kv][D][kBlock]
+    // With keys in lanes and an f16 cache, V is read where it is (v16 + b * v16_ld + g * v16_head):
+    // each value serves one group of rows, so a converted copy would only add a pass.
+    const ggml_fp16_t * v16 = nullptr;
+    size_t v16_ld = 0, v16_head = 0;
     int32_t j0 = 0;            // the block's first key
     int nb = 0, nbp = 0;       // its keys, and that rounded up to a multiple of 8 (scores 8 at a time)
     bool any_grp = false, any_nb = false;  // whether some row of the tile sees a grouped / neighbor key
@@ -435,25 +456,40 @@ void load_block(block_rows & br, const cache_rows & c, int n_head_kv, int D, int
     br.nbp = nbp;
     br.any_grp = j0 <= i_max - W;
     br.any_nb = j_last > i_min - W && j0 <= i_max;
+    // Keys in lanes with an f16 cache: K goes from the cache straight to its transposed block, V
+    // stays where it is (see block_rows).
+#if PSE_AVX2
+    const bool direct = std::is_same_v<KRows, f16_rows> && std::is_same_v<VRows, f16_rows> && transpose;
+#else
+    const bool direct = false;
+#endif
+    br.v16 = direct ? (const ggml_fp16_t *) (c.v + (size_t) j0 * c.v_stride) : nullptr;
+    br.v16_ld = c.v_stride / sizeof(ggml_fp16_t);
+    br.v16_head = c.v_head / sizeof(ggml_fp16_t);
     for (int b = 0; b < nb; ++b) {
         const int32_t j = j0 + b;
         for (int g = 0; g < n_head_kv; ++g) {
             const size_t at = (size_t) b * br.ld + (size_t) g * D;
-            if (br.any_grp) k_row(br.kg.data() + at, c.k + (size_t) j * c.k_stride + g * c.k_head, D);
+            if (br.any_grp && !direct) k_row(br.kg.data() + at, c.k + (size_t) j * c.k_stride + g * c.k_head, D);
             if (br.any_nb) {
                 const size_t row = c.ring > 0 ? (size_t) (j % c.ring) : (size_t) (j - c.nb_lo);
                 if (j >= c.nb_lo) nb_row(br.kn.data() + at, c.k_nb + row * c.nb_stride + g * c.nb_head, D);
                 else std::fill(br.kn.data() + at, br.kn.data() + at + D, 0.0f);  // never a neighbor here
             }
-            v_row(br.v.data() + at, c.v + (size_t) j * c.v_stride + g * c.v_head, D);
+            if (!direct) v_row(br.v.data() + at, c.v + (size_t) j * c.v_stride + g * c.v_head, D);
         }
     }
     for (auto * buf : {&br.kg, &br.kn}) std::fill(buf->begin() + (size_t) nb * br.ld, buf->begin() + (size_t) nbp * br.ld, 0.0f);
 #if PSE_AVX2
     for (int g = 0; transpose && g < n_head_kv; ++g) {
         const size_t col = (size_t) g * D, head = (size_t) g * D * kBlock;
-        if (br.any_grp) transpose_block(br.kg.data() + col, br.ld, br.kgT.data() + head, D, nbp);
-        if (br.any_nb) transpose_block(br.kn.data() + col, br.ld, br.knT.data() + head, D, nbp);
+        if (br.any_grp && direct) {
+            const auto * k16 = (const ggml_fp16_t *) (c.k + (size_t) j0 * c.k_stride + g * c.k_head);
+            transpose_block(k16, c.k_stride / sizeof(ggml_fp16_t), nb, br.kgT.data() + head, D, nbp);
+        } else if (br.any_grp) {
+            transpose_block(br.kg.data() + col, br.ld, nbp, br.kgT.data() + head, D, nbp);
+        }
+        if (br.any_nb) transpose_block(br.kn.data() + col, br.ld, nbp, br.knT.data() + head, D, nbp);
     }
 #else
     (void) transpose;  // keys in lanes is an AVX2 layout
@@ -478,7 +514,8 @@ void attend_block(tile_state & ts, const block_rows & br, int g, int32_t W, int3
                    br.nbp, W);
     }
     block_softmax(ts, s, br.nbp);
-    block_accumulate(ts, s, br.v.data() + col, br.ld, br.nb);
+    if (br.v16) block_accumulate(ts, s, br.v16 + g * br.v16_head, br.v16_ld, br.nb);
+    else block_accumulate(ts, s, br.v.data() + col, (size_t) br.ld, br.nb);
 }
 
 // ---- the work split --------------------------------------------------------------------------
