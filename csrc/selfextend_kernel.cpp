@@ -19,6 +19,12 @@ namespace pse {
 
 namespace {
 
+#if PSE_AVX2
+// 8 values as f32, from f32 or (converted exactly) from f16.
+inline __m256 load8(const float * x) { return _mm256_loadu_ps(x); }
+inline __m256 load8(const ggml_fp16_t * x) { return _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *) x)); }
+#endif
+
 // ---- row readers: one cache row to f32 -----------------------------------------------------
 // The K/V rows of a block are converted once and then serve every query row of the tile. f16 and
 // f32 and q8_0 are inlined.
@@ -30,7 +36,7 @@ struct f16_rows {
         const ggml_fp16_t * src = (const ggml_fp16_t *) src_bytes;
         int i = 0;
 #if PSE_AVX2
-        for (; i + 8 <= n; i += 8) _mm256_storeu_ps(dst + i, _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *) (src + i))));
+        for (; i + 8 <= n; i += 8) _mm256_storeu_ps(dst + i, load8(src + i));
 #elif PSE_NEON
         for (; i + 4 <= n; i += 4) vst1q_f32(dst + i, vcvt_f32_f16(vld1_f16((const __fp16 *) (src + i))));
 #endif
@@ -117,10 +123,6 @@ inline void scores_tile(const float * qT, int NR, int r0, const float * k, int l
         PSE_UNROLL
         for (int v = 0; v < NV; ++v) _mm256_storeu_ps(s + (size_t) (b0 + b) * NR + r0 + 8 * v, acc[b][v]);
 }
-
-// 8 values as f32, from f32 or (converted exactly) from f16.
-inline __m256 load8(const float * x) { return _mm256_loadu_ps(x); }
-inline __m256 load8(const ggml_fp16_t * x) { return _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *) x)); }
 
 // o[r0 + r][d0 .. d0 + 8 NX] += sum_b p_b,r0+r * v[b][d0 ..] for MR rows, over nb keys (value b at
 // v + b * ld, f32 or f16; p_b,r at p + b * pb_stride + r * pr_stride, for either layout).

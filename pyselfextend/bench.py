@@ -42,6 +42,8 @@ from typing import Callable, Dict, List, Optional, Sequence
 
 import numpy as np
 
+from .progress import log_line
+
 ENGINES = ["selfextend", "ordinary", "llama.cpp-fa", "llama.cpp"]
 LLAMA_BENCH_ENGINES = ["llama-bench-fa", "llama-bench"]
 
@@ -207,14 +209,10 @@ def cache_bytes_read(shape: Dict[str, int], cache_type: str, depth: int, n_gen: 
     return per_token * (depth + (n_gen + 1) / 2)
 
 
-def _log(msg: str) -> None:
-    print(msg, file=sys.stderr, flush=True)
-
-
 def run_bench(model: Optional[str] = None, *, threads: Optional[int] = None, cache_type: str = "f16",
               depths: Sequence[int] = (0,), n_prompt: int = 512, n_gen: int = 128, repetitions: int = 3,
               engines: Optional[Sequence[str]] = None, llama_bench: Optional[str] = None,
-              log: Callable[[str], None] = _log) -> Dict[str, object]:
+              log: Callable[[str], None] = log_line) -> Dict[str, object]:
     """Measures the engines (default: all that run ``cache_type``) on ``model`` (a GGUF file or
     catalogue name; default: the default model) and returns the report that ``--json`` prints:
     per engine and depth the median tokens/s of prefill and decode, attention GFLOP/s, cache GB/s

@@ -418,13 +418,14 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
 def cmd_passkey(args: argparse.Namespace) -> int:
     from .passkey import format_table, run_passkey
+    from .progress import log_line
 
     if not args.selfextend and (args.group_size is not None or args.window is not None):
         raise ValueError("--no-selfextend cannot be combined with --group-size/--window")
     results = run_passkey(str(models.resolve_model(args.model)), args.lengths, args.depths, args.trials, args.seed,
                           args.group_size, args.window, args.selfextend, args.threads,
                           rope_scaling=args.rope_scaling, rope_factor=args.rope_factor, grp_attn_n=args.grp_attn_n, show_progress=True,
-                          log=lambda msg: print(msg, file=sys.stderr, flush=True))
+                          log=log_line)
     print(json.dumps(results, indent=2) if args.json else format_table(results))
     return 0
 

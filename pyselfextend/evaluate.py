@@ -125,13 +125,13 @@ def run_evaluation(model: str, out: Path, lengths: List[int], depths: List[float
     from .models import resolve_model
     from .passkey import passkey_keys, run_passkey
     from .perplexity import plot, summarize, token_nll
-    from .progress import ProgressBar
+    from .progress import ProgressBar, log_line
 
     baseline_lengths = baseline_lengths or lengths
     if baseline_lengths != lengths[:len(baseline_lengths)]:
         raise ValueError(f"the baseline lengths {baseline_lengths} must be the first of the lengths {lengths}: keys are "
                          "drawn length by length, and every method must see the same prompts")
-    log = lambda msg: print(msg, file=sys.stderr, flush=True)
+    log = log_line
     path = str(resolve_model(model))
     out.mkdir(parents=True, exist_ok=True)
     results_file = out / "results.json"

@@ -106,16 +106,14 @@ def answer_logprob(llm, prompt_ids: List[int], answer: List[int]) -> float:
     teacher-forced: log P(a_0 | prompt) + log P(a_1 | prompt, a_0) + ... One evaluation of the
     prompt (``prefill``: a LocalModel that holds it already evaluates nothing again) and of the
     answer's tokens but the last."""
+    from .perplexity import target_log_probs
+
     if not answer:
         raise ValueError("answer_logprob needs at least one answer token")
-    rows = [np.asarray(llm.prefill(prompt_ids), dtype=np.float64)]
+    rows = [llm.prefill(prompt_ids)]
     if len(answer) > 1:
-        rows += list(np.asarray(llm.eval(answer[:-1], all_logits=True), dtype=np.float64))
-    total = 0.0
-    for logits, token in zip(rows, answer):
-        top = logits.max()
-        total += float(logits[token] - top - np.log(np.exp(logits - top).sum()))
-    return total
+        rows += list(llm.eval(answer[:-1], all_logits=True))
+    return float(target_log_probs(np.stack(rows), answer).sum())
 
 
 def run_passkey(model_path: str, lengths: List[int], depths: List[float], trials: int = 1, seed: int = 0,

@@ -8,6 +8,14 @@ from typing import Callable, Dict, List, Optional
 import numpy as np
 
 
+def target_log_probs(logits: np.ndarray, targets) -> np.ndarray:
+    """log P(targets[t]) under each row of ``logits`` (one row per target), in float64."""
+    logits = np.asarray(logits, dtype=np.float64)
+    top = logits.max(axis=1, keepdims=True)
+    log_z = top[:, 0] + np.log(np.exp(logits - top).sum(axis=1))
+    return logits[np.arange(len(logits)), np.asarray(targets)] - log_z
+
+
 def token_nll(llm, ids: List[int], progress: Optional[Callable[[int, int], object]] = None) -> np.ndarray:
     """Negative log-likelihood (nats) of ids[1:], each given all the tokens before it.
 
@@ -20,11 +28,8 @@ def token_nll(llm, ids: List[int], progress: Optional[Callable[[int, int], objec
     step = llm.n_batch
     for start in range(0, len(ids) - 1, step):
         chunk = ids[start:min(start + step, len(ids) - 1)]
-        logits = llm.eval(chunk, all_logits=True).astype(np.float64)     # row t predicts ids[start + t + 1]
-        top = logits.max(axis=1, keepdims=True)
-        log_z = top[:, 0] + np.log(np.exp(logits - top).sum(axis=1))
-        targets = np.asarray(ids[start + 1:start + 1 + len(chunk)])
-        nll[start:start + len(chunk)] = log_z - logits[np.arange(len(chunk)), targets]
+        logits = llm.eval(chunk, all_logits=True)  # row t predicts ids[start + t + 1]
+        nll[start:start + len(chunk)] = -target_log_probs(logits, ids[start + 1:start + 1 + len(chunk)])
         if progress is not None:
             progress(start + len(chunk), len(ids) - 1)
     return nll

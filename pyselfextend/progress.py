@@ -6,6 +6,11 @@ import time
 from typing import Optional, TextIO
 
 
+def log_line(msg: str) -> None:
+    """One line of a long job's log on stderr, at once (the long commands' ``log`` callbacks)."""
+    print(msg, file=sys.stderr, flush=True)
+
+
 def _fmt_seconds(s: float) -> str:
     s = int(round(s))
     return f"{s // 3600}h{s % 3600 // 60:02d}m" if s >= 3600 else f"{s // 60}m{s % 60:02d}s" if s >= 60 else f"{s}s"
