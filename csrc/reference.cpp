@@ -82,14 +82,39 @@ void reference_model::reset() {
     pos_ = 0;
     full_batches_ = 0;
     last_full_ = false;
+    compressed_at_ = 0;
+    kept_ = snapshot{};
 }
 
 void reference_model::truncate(int32_t n) {
     if (n < 0 || n > n_past_) throw std::invalid_argument("truncate: position out of range");
-    if (grp_n_ > 1 && n != n_past_) throw std::invalid_argument("truncate is not supported with group attention");
-    llama_memory_seq_rm(llama_get_memory(ctx_), 0, n, -1);
+    if (n == n_past_) return;
+    llama_memory_t mem = llama_get_memory(ctx_);
+    if (grp_n_ > 1 && n == kept_.n_past && n <= compressed_at_) {
+        // back to just before the compression a short batch set off
+        llama_memory_seq_rm(mem, 0, -1, -1);
+        if (llama_state_seq_set_data(ctx_, kept_.cache.data(), kept_.cache.size(), 0) == 0) {
+            throw std::runtime_error("llama.cpp could not restore the kept cache");
+        }
+        n_past_ = kept_.n_past;
+        pos_ = kept_.pos;
+        full_batches_ = kept_.full_batches;
+        last_full_ = kept_.last_full;
+        compressed_at_ = kept_.compressed_at;
+        kept_ = snapshot{};
+        return;
+    }
+    if (grp_n_ > 1 && n < compressed_at_) {
+        throw std::invalid_argument("truncate under group attention goes back only to tokens evaluated since the last "
+                                    "compression (" + std::to_string(compressed_at_) + ") or to just before a "
+                                    "compression a short batch set off (" + std::to_string(kept_.n_past) + ")");
+    }
+    // Since the last compression positions are consecutive: token n sits at pos_ - (n_past_ - n).
+    const int32_t first = pos_ - (n_past_ - n);
+    llama_memory_seq_rm(mem, 0, first, -1);
+    pos_ = first;
     n_past_ = n;
-    pos_ = n;
+    if (grp_n_ > 1) last_full_ = false;  // a cut batch is no full batch to divide
 }
 
 std::vector<float> reference_model::eval(const std::vector<int32_t> & tokens, bool all_logits) {
@@ -100,7 +125,11 @@ std::vector<float> reference_model::eval(const std::vector<int32_t> & tokens, bo
         if (t < 0 || t >= n_vocab_) throw std::invalid_argument("token id outside the vocabulary");
     }
     std::vector<float> out(all_logits ? (size_t) n * n_vocab_ : (size_t) n_vocab_);
-    llama_batch batch = llama_batch_init(n_batch_, 0, 1);
+    struct batch_holder {  // freed on every way out, throws included
+        llama_batch b;
+        ~batch_holder() { llama_batch_free(b); }
+    } held{llama_batch_init(n_batch_, 0, 1)};
+    llama_batch & batch = held.b;
     for (int32_t done = 0; done < n;) {
         const int32_t nb = std::min(n_batch_, n - done);
         if (grp_n_ > 1 && last_full_ && n > 1) {  // prompt batches only, as llama.cpp's example
@@ -112,6 +141,17 @@ std::vector<float> reference_model::eval(const std::vector<int32_t> & tokens, bo
             // to the same place by seq_add alone, whose rotation is right. In increasing order, a
             // moved key lands on a position already done and is never moved twice.
             llama_memory_t mem = llama_get_memory(ctx_);
+            if (nb < n_batch_) {
+                kept_.cache.resize(llama_state_seq_get_size(ctx_, 0));
+                if (llama_state_seq_get_data(ctx_, kept_.cache.data(), kept_.cache.size(), 0) != kept_.cache.size()) {
+                    throw std::runtime_error("llama.cpp could not copy its cache");
+                }
+                kept_.n_past = n_past_;
+                kept_.pos = pos_;
+                kept_.full_batches = full_batches_;
+                kept_.last_full = last_full_;
+                kept_.compressed_at = compressed_at_;
+            }
             const int32_t ib = full_batches_ - 1;
             const int32_t shift = ib * (n_batch_ / grp_n_) * (grp_n_ - 1);
             for (int32_t p = pos_ - n_batch_; p < pos_; ++p) {
@@ -119,6 +159,7 @@ std::vector<float> reference_model::eval(const std::vector<int32_t> & tokens, bo
                 if (to != p) llama_memory_seq_add(mem, 0, p, p + 1, to - p);
             }
             pos_ = llama_memory_seq_pos_max(mem, 0) + 1;
+            compressed_at_ = n_past_;
         }
         batch.n_tokens = nb;
         for (int32_t i = 0; i < nb; ++i) {
@@ -128,10 +169,7 @@ std::vector<float> reference_model::eval(const std::vector<int32_t> & tokens, bo
             batch.seq_id[i][0] = 0;
             batch.logits[i] = all_logits || (done + i == n - 1);
         }
-        if (llama_decode(ctx_, batch) != 0) {
-            llama_batch_free(batch);
-            throw std::runtime_error("llama_decode failed");
-        }
+        if (llama_decode(ctx_, batch) != 0) throw std::runtime_error("llama_decode failed");
         for (int32_t i = 0; i < nb; ++i) {
             if (!batch.logits[i]) continue;
             const float * l = llama_get_logits_ith(ctx_, i);
@@ -144,7 +182,6 @@ std::vector<float> reference_model::eval(const std::vector<int32_t> & tokens, bo
         if (last_full_) ++full_batches_;
         done += nb;
     }
-    llama_batch_free(batch);
     return out;
 }
 

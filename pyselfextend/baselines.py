@@ -57,8 +57,26 @@ class LlamaCppGroupAttention:
     def tokenize(self, text: str, add_special: bool = True, parse_special: bool = True) -> List[int]:
         return list(self._vocab.tokenize(text, add_special, parse_special))
 
+    @property
+    def n_past(self) -> int:
+        return self._ref.n_past
+
     def reset(self) -> None:
         self._ref.reset()
+
+    def truncate(self, n: int) -> None:
+        """Forgets the tokens from ``n`` on. Group attention moves cached positions, so this goes
+        back only over tokens evaluated since the last compression, or to just before a compression
+        that a short batch (a question after text fed in whole batches) set off; otherwise it
+        raises ValueError."""
+        self._ref.truncate(n)
+
+    def detokenize(self, ids: Sequence[int]) -> str:
+        return b"".join(bytes(self._vocab.token_to_piece(int(t), False)) for t in ids).decode("utf-8", "replace")
+
+    def is_eog(self, token: int) -> bool:
+        """Whether ``token`` ends a generation (end of text or of a turn)."""
+        return bool(self._vocab.is_eog(token))
 
     def eval(self, ids: Sequence[int], all_logits: bool = False) -> np.ndarray:
         return self._ref.eval(list(ids), all_logits)
@@ -78,7 +96,7 @@ class LlamaCppGroupAttention:
         text = ""
         for _ in range(max_tokens):
             token = int(np.argmax(logits))
-            if self._vocab.is_eog(token):
+            if self.is_eog(token):
                 break
             text += decoder.decode(bytes(self._vocab.token_to_piece(token, False)))
             logits = self.eval([token])

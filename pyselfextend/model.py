@@ -304,6 +304,10 @@ class LocalModel:
         """Text of token ids (invalid UTF-8 replaced by U+FFFD)."""
         return bytes(self._vocab.detokenize(token_ids(ids), render_special)).decode("utf-8", errors="replace")
 
+    def is_eog(self, token: int) -> bool:
+        """Whether ``token`` ends a generation (end of text or of a turn), as ``generate`` stops at."""
+        return bool(self._vocab.is_eog(_require_int("token", token)))
+
     def eval(self, ids: Sequence[int], *, all_logits: bool = False,
              progress: Optional[ProgressCallback] = None) -> np.ndarray:
         """Appends ``ids`` to the KV cache and returns float32 logits.
@@ -617,7 +621,7 @@ class LocalModel:
             if generation.cancelled:
                 return
             token = sampler.sample(logits, history)
-            if self._vocab.is_eog(token):
+            if self.is_eog(token):
                 generation.finish_reason = "stop"
                 break
             history.append(token)

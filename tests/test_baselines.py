@@ -25,6 +25,30 @@ def test_group_attention_divides_only_past_batches(tiny_model):
         _engine.Reference(path, 256, 64, 1, True, 5)
 
 
+def test_group_attention_goes_back_to_before_a_question(tiny_model):
+    # A document fed in whole batches, a question, then the document read on: the same logits as
+    # a reading that never asked, although the question's batch made group attention divide
+    # positions (its state before that is kept and restored).
+    path = str(tiny_model())
+    ids = np.random.default_rng(3).integers(3, 320, size=400).tolist()
+    fresh = _engine.Reference(path, 512, 64, 1, True, 4)
+    fresh.eval(ids[:192], False)
+    want = fresh.eval(ids[192:320], True)
+
+    asked = _engine.Reference(path, 512, 64, 1, True, 4)
+    asked.eval(ids[:192], False)
+    asked.eval(ids[192:220], False)  # the document up to the question, cut short
+    asked.eval(ids[350:370], False)  # the question: no compression
+    asked.eval([5], False)
+    asked.truncate(240)  # back over tokens read since the last compression
+    asked.truncate(220)
+    with pytest.raises(ValueError, match="group attention goes back only"):
+        asked.truncate(100)
+    asked.truncate(192)  # to before the compression the short batch set off
+    assert asked.n_past == 192
+    assert np.array_equal(asked.eval(ids[192:320], True), want)
+
+
 def test_group_attention_in_the_evaluation_commands(tiny_model, tmp_path):
     llm = LlamaCppGroupAttention(tiny_model(), 512, 4, 1, 64)
     assert "grp-attn-n 4" in llm.plan.describe()
