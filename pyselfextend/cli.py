@@ -136,6 +136,11 @@ def _int_in(lo: int, hi: Optional[int] = None, what: str = "an integer"):
 
 
 _positive_int = _int_in(1)
+
+
+def _group_list(text: str) -> List[int]:
+    """'2,3,4' -> [2, 3, 4]: group sizes, each an integer >= 2."""
+    return [_int_in(2, None, "a group size")(t.strip()) for t in str(text).split(",")]
 _port = _int_in(0, 65535, "a port number")
 
 
@@ -471,6 +476,19 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_sweep(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from .progress import log_line
+    from .sweep import run_sweep
+
+    run_sweep(args.model, Path(args.out), lengths=args.lengths, groups=args.groups, windows=args.windows,
+              references=not args.no_references, replicates=args.replicates, threads=args.threads,
+              document=Path(args.document) if args.document else None, resume=args.resume, log=log_line)
+    print(f"results written to {args.out}/sweep.md", file=sys.stderr)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="pyselfextend", description=DESCRIPTION, epilog=EPILOG,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -618,6 +636,26 @@ def build_parser() -> argparse.ArgumentParser:
                    help="continue an interrupted run into --out: keep the steps its results.json already holds "
                         "with the same settings and run only the rest")
     p.set_defaults(func=cmd_evaluate)
+
+    p = sub.add_parser("sweep", help="retrieval and perplexity over a grid of G and W, and its results page",
+                       description=__import__("pyselfextend.sweep", fromlist=["x"]).__doc__.split("\n", 1)[1].strip(),
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
+    _add_model_args(p)
+    p.add_argument("--out", default="docs", metavar="DIR", help="where sweep.md, sweep.json and sweep.png go")
+    p.add_argument("--lengths", type=parse_size_list, default=[12288, 16384, 24576], metavar="LIST",
+                   help="lengths to ask at (default 12k,16k,24k)")
+    p.add_argument("--groups", type=_group_list, default=[2, 3, 4, 6, 8],
+                   metavar="LIST", help="group sizes G (default 2,3,4,6,8)")
+    p.add_argument("--windows", type=parse_size_list, default=None, metavar="LIST",
+                   help="neighbor windows W (default L/8, L/4, L/2 of the model's trained context L)")
+    p.add_argument("--replicates", type=_positive_int, default=1, metavar="N",
+                   help="layouts (facts, places, numbers) to read, each from its own seed (default 1)")
+    p.add_argument("--no-references", action="store_true",
+                   help="SelfExtend only: skip ordinary attention, YaRN and llama.cpp's group attention")
+    p.add_argument("--document", metavar="FILE", help="the document (default: GNU Coding Standards)")
+    p.add_argument("--resume", action="store_true",
+                   help="continue an interrupted run into --out: keep the readings its sweep.json holds")
+    p.set_defaults(func=cmd_sweep)
 
     p = sub.add_parser("bench", help="prefill/decode speed and peak memory against llama.cpp, in one run",
                        description="Prefill and decode speed and peak memory of pyselfextend against llama.cpp, in one run.\n\n"

@@ -100,7 +100,7 @@ def _earlier_run(path: Path, model: str, threads: Optional[int]) -> Optional[Dic
     return earlier
 
 
-def _run_command() -> Optional[str]:
+def run_command() -> Optional[str]:
     """The command line as the page shows it: --resume only continues the same run."""
     args = [a for a in sys.argv[1:] if a != "--resume"]
     return "pyselfextend " + " ".join(args) if args else None
@@ -139,7 +139,7 @@ def run_evaluation(model: str, out: Path, lengths: List[int], depths: List[float
     today = time.strftime("%Y-%m-%d")
     first_day = str(earlier["date"])[:10] if earlier else today
     report: Dict[str, object] = {"model": path, "date": today if first_day == today else f"{first_day} to {today}",
-                                 "threads": threads, "machine": describe_machine(), "command": _run_command(),
+                                 "threads": threads, "machine": describe_machine(), "command": run_command(),
                                  "n_ctx_train": _engine.Model(path).n_ctx_train, "passkey": {}, "perplexity": {},
                                  "resumed": int(earlier.get("resumed", 0)) + 1 if earlier else 0}
 

@@ -1,0 +1,594 @@
+"""pyselfextend sweep: SelfExtend's G and W chosen from evidence.
+
+Retrieval and perplexity over a grid of G and W at several lengths, with ordinary attention,
+YaRN and llama.cpp's group attention as references, on one model.
+
+The task is a long natural document (by default the GNU Coding Standards, as ``evaluate`` reads)
+with short facts planted in it, each about a different thing and with a 5-digit answer ("the
+ferry to the island leaves from pier number 48213"), about one per 2k tokens. Every setting reads
+the same document once, up to the longest length it can reach. At each length n it stops after
+n - 64 tokens and asks about every fact planted so far: the question is appended to what is
+cached, answered greedily, scored, and dropped again, so a question costs a few dozen tokens, not
+a new prompt. Every setting therefore answers the very same prompts at a given length. A trial
+counts as found when the answer's first number is the fact's; it is also scored by the
+log-probability of the answer's tokens right after the question (teacher-forced), which
+separates settings that find alike. Perplexity past the trained context comes from the same
+reading of the document, for free.
+
+Writes sweep.json after every setting (``--resume`` continues an interrupted run), sweep.png (heat
+maps; needs matplotlib) and the page sweep.md into --out.
+"""
+from __future__ import annotations
+
+import json
+import math
+import random
+import re
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Dict, List, Mapping, Optional, Sequence, Tuple
+
+import numpy as np
+
+# (statement, question): the statement is planted with its number, the question ends just before it.
+FACTS: Tuple[Tuple[str, str], ...] = (
+    ("the spare key to the print room is kept in locker {key}",
+     "In which locker is the spare key to the print room kept? Answer: in locker"),
+    ("the wifi password of the library is {key}",
+     "What is the wifi password of the library? Answer: the wifi password of the library is"),
+    ("the ferry to the island leaves from pier number {key}",
+     "From which pier number does the ferry to the island leave? Answer: from pier number"),
+    ("the night guard's badge number is {key}",
+     "What is the night guard's badge number? Answer: the night guard's badge number is"),
+    ("the red bicycle is registered under the number {key}",
+     "Under which number is the red bicycle registered? Answer: under the number"),
+    ("the safe in the basement opens with the combination {key}",
+     "Which combination opens the safe in the basement? Answer: the combination"),
+    ("the botanist's parcel has the tracking number {key}",
+     "What tracking number does the botanist's parcel have? Answer: the tracking number"),
+    ("the old lighthouse was given the inventory number {key}",
+     "Which inventory number was the old lighthouse given? Answer: the inventory number"),
+    ("the choir rehearses in hall number {key}",
+     "In which hall number does the choir rehearse? Answer: in hall number"),
+    ("the recipe for plum cake is filed as card {key}",
+     "As which card is the recipe for plum cake filed? Answer: as card"),
+    ("the telescope on the roof is booked under reference {key}",
+     "Under which reference is the telescope on the roof booked? Answer: under reference"),
+    ("the door code of the captain's cabin is {key}",
+     "What is the door code of the captain's cabin? Answer: the door code of the captain's cabin is"),
+    ("the blue tram stops at platform number {key}",
+     "At which platform number does the blue tram stop? Answer: at platform number"),
+    ("the violin in the museum is catalogued as item {key}",
+     "As which item is the violin in the museum catalogued? Answer: as item"),
+    ("the beekeeper's licence number is {key}",
+     "What is the beekeeper's licence number? Answer: the beekeeper's licence number is"),
+    ("the map of the northern caves is stored in drawer {key}",
+     "In which drawer is the map of the northern caves stored? Answer: in drawer"),
+)
+STATEMENT = " (Added to this copy: {fact}.)"
+QUESTION = "\n\nQuestion: {question}"
+ANSWER_TOKENS = 8  # greedy answer length: a 5-digit number and a little more
+FACT_SPACING = 2048  # about one fact per this many tokens
+
+
+@dataclass(frozen=True)
+class Fact:
+    """One planted fact: where it sits in the document (token positions) and its answer."""
+
+    index: int  #: into FACTS
+    key: int
+    start: int  #: first token of the statement
+    end: int  #: one past its last token
+
+
+@dataclass
+class Layout:
+    """The document as every setting reads it: token ids with the facts planted, and the lengths
+    at which it stops, ``allowance`` tokens short (room for the longest question and answer),
+    to ask about the facts before."""
+
+    ids: List[int]
+    facts: List[Fact]
+    lengths: List[int]
+    seed: int
+    allowance: int
+
+    def text_end(self, length: int) -> int:
+        """How much of the document a prompt of ``length`` tokens holds before its question."""
+        return length - self.allowance
+
+    def asked_at(self, length: int) -> List[Fact]:
+        return [f for f in self.facts if f.end <= self.text_end(length)]
+
+    def fingerprint(self) -> Dict[str, object]:
+        return {"seed": self.seed, "lengths": self.lengths, "n_tokens": len(self.ids), "allowance": self.allowance,
+                "facts": [[f.index, f.key, f.start] for f in self.facts]}
+
+
+def sentence_ends(llm, doc_ids: Sequence[int]) -> List[int]:
+    """Indices i such that a sentence ends with token i - 1 and token i starts with a space or a
+    newline: where a statement can go between two sentences."""
+    ends = []
+    for i in range(1, len(doc_ids)):
+        before = llm.detokenize(doc_ids[i - 1:i])
+        if before.endswith((".", "!", "?")):
+            # the pair, since a tokenizer may drop the leading space of a text's first piece
+            after = llm.detokenize(doc_ids[i - 1:i + 1])[len(before):]
+            if after[:1] in (" ", "\n"):
+                ends.append(i)
+    return ends
+
+
+def build_layout(llm, document: str, lengths: Sequence[int], seed: int = 0, spacing: int = FACT_SPACING) -> Layout:
+    """Plants facts in ``document`` (about one per ``spacing`` tokens, at random places of the
+    stretches between consecutive lengths, so that each length asks about facts at every depth)
+    and returns the token ids up to the longest length. The facts, their order and their numbers
+    come from ``seed``."""
+    lengths = sorted(set(int(n) for n in lengths))
+    # room for the longest question and answer, in this model's tokens
+    allowance = max(len(q) + max(len(a), ANSWER_TOKENS)
+                    for q, a in (question_ids(llm, Fact(i, 99999, 0, 0)) for i in range(len(FACTS))))
+    allowance = -(-allowance // 16) * 16
+    if not lengths or lengths[0] <= 2 * allowance:
+        raise ValueError(f"lengths must be above {2 * allowance} tokens, got {lengths}")
+    rng = random.Random(seed)
+    doc_ids = llm.tokenize(document, add_special=False)
+    bos = llm.tokenize("", add_special=True)
+    ends = sentence_ends(llm, doc_ids)
+    if not ends:
+        raise ValueError("the document has no sentence end followed by a space or newline to plant a fact at")
+    # Target positions in the finished text, per stretch between lengths.
+    targets, lo = [], len(bos)
+    for n in lengths:
+        hi = n - allowance
+        k = max(1, round((hi - lo) / spacing))
+        targets += [lo + (i + rng.uniform(0.15, 0.85)) * (hi - lo) / k for i in range(k)]
+        lo = hi
+    if len(targets) > len(FACTS):
+        raise ValueError(f"lengths up to {lengths[-1]} need {len(targets)} facts; there are {len(FACTS)}")
+    order = rng.sample(range(len(FACTS)), len(targets))
+    keys = rng.sample(range(10000, 100000), len(targets))
+    ids, facts, used = list(bos), [], 0
+    for target, index, key in zip(targets, order, keys):
+        statement = llm.tokenize(STATEMENT.format(fact=FACTS[index][0].format(key=key)), add_special=False)
+        # the sentence end nearest the target, after the previous fact
+        want = used + round(target - len(ids))
+        at = min((e for e in ends if e > used), key=lambda e: abs(e - want), default=None)
+        if at is None:
+            raise ValueError(f"the document has about {len(doc_ids)} tokens, too few for length {lengths[-1]}")
+        ids += doc_ids[used:at]
+        facts.append(Fact(index, key, len(ids), len(ids) + len(statement)))
+        ids += statement
+        used = at
+    ids += doc_ids[used:used + max(0, lengths[-1] - len(ids))]
+    if len(ids) < lengths[-1] - allowance:
+        raise ValueError(f"the document has about {len(doc_ids)} tokens, too few for length {lengths[-1]}")
+    return Layout(ids[:lengths[-1]], facts, lengths, seed, allowance)
+
+
+def question_ids(llm, fact: Fact) -> Tuple[List[int], List[int]]:
+    """The question's tokens as appended to the document, and the answer's tokens as the model
+    would write them after it (the two tokenized as one text, where that splits cleanly)."""
+    question = QUESTION.format(question=FACTS[fact.index][1])
+    q = llm.tokenize(question, add_special=False)
+    full = llm.tokenize(question + f" {fact.key}", add_special=False)
+    answer = full[len(q):] if len(full) > len(q) and full[:len(q)] == q else llm.tokenize(f" {fact.key}",
+                                                                                         add_special=False)
+    return q, answer
+
+
+def ask(llm, fact: Fact, n_past: int) -> Dict[str, object]:
+    """Asks about ``fact`` after the ``n_past`` tokens cached, greedily and teacher-forced, and
+    leaves the cache as it found it."""
+    from .perplexity import target_log_probs
+
+    q, answer = question_ids(llm, fact)
+    first = np.array(llm.eval(q), dtype=np.float32)
+    generated, logits = [], first
+    for _ in range(ANSWER_TOKENS):
+        token = int(np.argmax(logits))
+        if llm.is_eog(token):
+            break
+        generated.append(token)
+        logits = llm.eval([token])
+    text = llm.detokenize(generated)
+    llm.truncate(n_past + len(q))
+    rows = [first] + (list(llm.eval(answer[:-1], all_logits=True)) if len(answer) > 1 else [])
+    logprob = float(target_log_probs(np.stack(rows), answer).sum())
+    llm.truncate(n_past)
+    number = re.search(r"\d+", text)
+    return {"fact": fact.index, "key": fact.key, "position": fact.start, "answer": text,
+            "ok": bool(number) and number.group(0) == str(fact.key), "key_logprob": round(logprob, 4)}
+
+
+def read_and_ask(llm, layout: Layout, lengths: Sequence[int],
+                 progress: Optional[Callable[[int, int], object]] = None) -> Dict[str, object]:
+    """Reads the document in batches up to the longest of ``lengths``, keeping each token's
+    negative log-likelihood, and at each length asks about the facts planted before it.
+
+    Batches start at multiples of ``llm.n_batch``; at a length the last batch is cut short, and
+    after the questions the cache goes back to the start of that batch, so that the document is
+    read on in whole batches (llama.cpp's group attention divides positions batch by batch)."""
+    from .perplexity import target_log_probs
+
+    ids, B = layout.ids, llm.n_batch
+    lengths = sorted(lengths)
+    stop = layout.text_end(lengths[-1])
+    nll = np.full(stop, np.nan)  # nll[i]: of ids[i + 1] given ids[:i + 1]
+    llm.reset()
+    pos, trials = 0, []
+    for n in lengths:
+        end_of_text = layout.text_end(n)
+        while pos < end_of_text:
+            end = min(end_of_text, (pos // B + 1) * B)
+            logits = llm.eval(ids[pos:end], all_logits=True)
+            rows = min(end, len(ids) - 1, stop) - pos
+            nll[pos:pos + rows] = -target_log_probs(logits[:rows], ids[pos + 1:pos + 1 + rows])
+            pos = end
+            if progress is not None:
+                progress(pos, stop)
+        for fact in layout.asked_at(n):
+            trial = ask(llm, fact, pos)
+            trial.update(length=n, distance=pos - fact.start)
+            trials.append(trial)
+        if n != lengths[-1] and pos % B:
+            pos -= pos % B
+            llm.truncate(pos)
+    return {"trials": trials, "nll": nll}
+
+
+@dataclass(frozen=True)
+class Setting:
+    """One reading of the document: a method with its options, asked at ``lengths``."""
+
+    label: str  #: unique in a sweep: "G=4 W=2048", "llama.cpp grp-attn-n 4", "YaRN 16k", "ordinary"
+    family: str  #: "SelfExtend" or the reference's name in methods.METHODS
+    options: Mapping[str, object] = field(default_factory=dict)  #: open_method's keyword arguments
+    lengths: Tuple[int, ...] = ()
+    group_size: int = 1
+    window: int = 0
+
+
+def sweep_settings(n_ctx_train: int, lengths: Sequence[int], groups: Sequence[int], windows: Sequence[int],
+                   references: bool = True) -> List[Setting]:
+    """Every (G, W) of the grid at the lengths it reaches (W rounded down to a multiple of G, as
+    ``plan_context`` does), then the references: ordinary attention, YaRN (its factor set by each
+    length), llama.cpp's group attention with n = 2, 4, 8 at the lengths n * L reaches."""
+    from .context import plan_context
+
+    L = n_ctx_train
+    lengths = sorted(set(int(n) for n in lengths))
+    settings = []
+    for g in sorted(set(groups)):
+        for w in sorted(set(windows)):
+            w = w - w % g
+            reach = []
+            for n in lengths:
+                try:
+                    plan_context(n, L, g, w)
+                    reach.append(n)
+                except ValueError:
+                    pass
+            if reach and g > 1:
+                settings.append(Setting(f"G={g} W={w}", "SelfExtend", {"group_size": g, "window": w}, tuple(reach),
+                                        g, w))
+    if references:
+        settings.append(Setting("ordinary", "ordinary", {"selfextend": False}, tuple(lengths)))
+        settings += [Setting(f"YaRN {_size(n)}", "YaRN", {"rope_scaling": "yarn"}, (n,)) for n in lengths]
+        for n in (2, 4, 8):
+            reach = tuple(m for m in lengths if m <= n * L)
+            if reach:
+                settings.append(Setting(f"llama.cpp grp-attn-n {n}", "llama.cpp grp-attn", {"grp_attn_n": n}, reach))
+    return settings
+
+
+def _size(n: int) -> str:
+    return f"{n // 1024}k" if n % 1024 == 0 and n else str(n)
+
+
+def run_sweep(model: str, out: Path, *, lengths: Sequence[int], groups: Sequence[int],
+              windows: Optional[Sequence[int]] = None,
+              references: bool = True, replicates: int = 1, threads: Optional[int] = None,
+              document: Optional[Path] = None, resume: bool = False, spacing: int = FACT_SPACING, n_batch: int = 512,
+              log: Callable[[str], None] = lambda msg: None) -> Dict[str, object]:
+    """Runs every setting on ``replicates`` layouts (seeds 0, 1, ...), writing ``out``/sweep.json
+    after each reading, then sweep.md and sweep.png. ``windows`` defaults to L/8, L/4 and L/2 of
+    the model's trained context L. With ``resume``, readings an earlier run into ``out`` finished
+    with the same model, threads and layouts are kept."""
+    from . import _engine
+    from .baselines import open_method
+    from .evaluate import run_command, describe_gnu_standards, describe_machine, fetch_gnu_standards
+    from .models import resolve_model
+    from .progress import ProgressBar
+
+    if replicates < 1:
+        raise ValueError(f"replicates must be >= 1, got {replicates}")
+    path = str(resolve_model(model))
+    L = _engine.Model(path).n_ctx_train
+    windows = list(windows) if windows else [L // 8, L // 4, L // 2]
+    settings = sweep_settings(L, lengths, groups, windows, references)
+    if not any(s.family == "SelfExtend" for s in settings):
+        raise ValueError(f"no (G, W) of the grid reaches any of the lengths {list(lengths)} "
+                         f"(trained context {L})")
+    doc = document or fetch_gnu_standards(Path.home() / ".cache" / "pyselfextend" / "documents" / "gnu-standards.txt")
+    text = Path(doc).read_text(encoding="utf-8")
+    # The layouts need only the tokenizer: a small ordinary-attention model gives it.
+    tokenizer = open_method(path, 512, threads, selfextend=False)
+    layouts = [build_layout(tokenizer, text, lengths, seed, spacing) for seed in range(replicates)]
+    del tokenizer
+
+    out.mkdir(parents=True, exist_ok=True)
+    results_file = out / "sweep.json"
+    report: Dict[str, object] = {
+        "model": path, "n_ctx_train": L, "threads": threads, "machine": describe_machine(),
+        "document": str(doc) if document else describe_gnu_standards(Path(doc)), "command": run_command(),
+        "layouts": [lay.fingerprint() for lay in layouts], "spacing": spacing, "date": time.strftime("%Y-%m-%d"),
+        "grid": {"lengths": sorted(set(lengths)), "groups": sorted(set(groups)), "windows": sorted(set(windows))},
+        "readings": []}
+    kept: Dict[Tuple[str, int], Dict[str, object]] = {}
+    if resume and results_file.exists():
+        earlier = json.loads(results_file.read_text())
+        same = all(earlier.get(k) == report[k] for k in ("model", "n_ctx_train", "threads"))
+        if not same:
+            raise ValueError(f"{results_file} measured another model or thread count: cannot resume it; choose "
+                             "another --out or drop --resume")
+        earlier_layouts = earlier.get("layouts", [])
+        for r in earlier.get("readings", []):
+            seed = int(r["seed"])
+            if seed < len(layouts) and seed < len(earlier_layouts) and earlier_layouts[seed] == report["layouts"][seed]:
+                kept[(r["label"], seed)] = r
+        if earlier.get("date", "")[:10] != report["date"]:
+            report["date"] = f"{earlier['date'][:10]} to {report['date']}"
+
+    def save() -> None:
+        report["minutes"] = round(sum(float(r["seconds"]) for r in report["readings"]) / 60, 1)
+        results_file.write_text(json.dumps(report, indent=1))
+
+    todo = [(s, lay) for lay in layouts for s in settings]
+    for i, (setting, layout) in enumerate(todo, 1):
+        earlier = kept.get((setting.label, layout.seed))
+        if earlier and [int(n) for n in earlier["lengths"]] == list(setting.lengths):
+            log(f"sweep: {i}/{len(todo)} {setting.label}, layout {layout.seed}: kept from the earlier run")
+            report["readings"].append(earlier)
+            continue
+        started = time.perf_counter()
+        llm = open_method(path, max(setting.lengths), threads, n_batch, **setting.options)
+        log(f"sweep: {i}/{len(todo)} {setting.label}, layout {layout.seed}, to {max(setting.lengths)} tokens: "
+            f"{llm.plan.describe()}")
+        got = read_and_ask(llm, layout, setting.lengths, progress=ProgressBar(f"{setting.label}"))
+        del llm
+        ppl = {}
+        for n in setting.lengths:
+            past = got["nll"][L:layout.text_end(n)]
+            past = past[~np.isnan(past)]
+            ppl[str(n)] = float(math.exp(past.mean())) if len(past) else None
+        reading = {"label": setting.label, "family": setting.family, "seed": layout.seed,
+                   "group_size": setting.group_size, "window": setting.window, "lengths": list(setting.lengths),
+                   "ppl_past_L": ppl, "trials": got["trials"], "seconds": round(time.perf_counter() - started, 1)}
+        report["readings"].append(reading)
+        found = sum(t["ok"] for t in got["trials"])
+        log(f"sweep: {setting.label}: found {found}/{len(got['trials'])}, mean log P "
+            f"{np.mean([t['key_logprob'] for t in got['trials']]):.2f}, perplexity past L "
+            + ", ".join(f"{_size(int(n))} {p:.2f}" for n, p in ppl.items() if p) + f" ({reading['seconds']:.0f} s)")
+        save()
+    save()
+    (out / "sweep.md").write_text(render_markdown(report, plot_file=_heat_maps(report, out / "sweep.png")))
+    return report
+
+
+@dataclass
+class Cell:
+    """Everything measured for one setting at one length, over all layouts."""
+
+    trials: List[Dict[str, object]]
+    ppl: List[float]
+
+    @property
+    def found(self) -> int:
+        return sum(bool(t["ok"]) for t in self.trials)
+
+    def logprob(self) -> Tuple[float, float, float]:
+        from .stats import mean_interval
+
+        return mean_interval([float(t["key_logprob"]) for t in self.trials])
+
+    def perplexity(self) -> Optional[float]:
+        return float(np.mean(self.ppl)) if self.ppl else None
+
+
+def cells(report: Mapping[str, object]) -> Dict[Tuple[str, int], Cell]:
+    """(setting label, length) -> its trials and perplexities, over every layout."""
+    out: Dict[Tuple[str, int], Cell] = {}
+    for r in report["readings"]:
+        for n in r["lengths"]:
+            cell = out.setdefault((r["label"], int(n)), Cell([], []))
+            cell.trials += [t for t in r["trials"] if int(t["length"]) == int(n)]
+            if r["ppl_past_L"].get(str(n)) is not None:
+                cell.ppl.append(float(r["ppl_past_L"][str(n)]))
+    return out
+
+
+def _grid_values(report: Mapping[str, object], length: int, value: Callable[[Cell], Optional[float]]):
+    groups, windows = sorted({r["group_size"] for r in report["readings"] if r["family"] == "SelfExtend"}), \
+        sorted({r["window"] for r in report["readings"] if r["family"] == "SelfExtend"})
+    by = cells(report)
+    labels = {(r["group_size"], r["window"]): r["label"] for r in report["readings"] if r["family"] == "SelfExtend"}
+    return groups, windows, {(g, w): value(by[(labels[(g, w)], length)]) for (g, w) in labels
+                             if (labels[(g, w)], length) in by}
+
+
+def _window_columns(windows: Sequence[int]) -> List[int]:
+    """The window sizes as asked (W rounded to a multiple of G differs a little per row): the
+    largest of each cluster within 8 tokens."""
+    cols: List[int] = []
+    for w in sorted(windows, reverse=True):
+        if not cols or cols[-1] - w >= 8:
+            cols.append(w)
+    return sorted(cols)
+
+
+def _column(w: int, cols: Sequence[int]) -> int:
+    return min(cols, key=lambda c: abs(c - w))
+
+
+def _heat_maps(report: Mapping[str, object], path: Path) -> Optional[str]:
+    """sweep.png: per length, the mean log-probability of the answers and the perplexity past L
+    over G x W. None without matplotlib (the page then has the tables alone)."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return None
+    lengths = sorted({int(n) for r in report["readings"] if r["family"] == "SelfExtend" for n in r["lengths"]})
+    metrics = [("mean log P(answer), nats", lambda c: c.logprob()[0], "viridis"),
+               ("perplexity past L", lambda c: c.perplexity(), "viridis_r")]
+    fig, axes = plt.subplots(len(metrics), len(lengths), figsize=(3.6 * len(lengths), 3.2 * len(metrics)),
+                             squeeze=False)
+    for j, n in enumerate(lengths):
+        for i, (title, value, cmap) in enumerate(metrics):
+            groups, windows, values = _grid_values(report, n, value)
+            cols = _window_columns(windows)
+            grid = np.full((len(groups), len(cols)), np.nan)
+            for (g, w), v in values.items():
+                if v is not None:
+                    grid[groups.index(g), cols.index(_column(w, cols))] = v
+            ax = axes[i][j]
+            ax.imshow(grid, cmap=cmap, aspect="auto")
+            for (a, b), v in np.ndenumerate(grid):
+                if not np.isnan(v):
+                    ax.text(b, a, f"{v:.2f}" if abs(v) < 100 else f"{v:.0f}", ha="center", va="center",
+                            color="white", fontsize=8)
+            ax.set_xticks(range(len(cols)), [str(c) for c in cols])
+            ax.set_yticks(range(len(groups)), [str(g) for g in groups])
+            ax.set_xlabel("W")
+            ax.set_ylabel("G")
+            ax.set_title(f"{_size(n)}: {title}", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path.name
+
+
+def best_settings(report: Mapping[str, object]) -> Dict[int, str]:
+    """Per length, the SelfExtend setting with the highest mean log-probability of the answers."""
+    best: Dict[int, Tuple[float, str]] = {}
+    for (label, n), cell in cells(report).items():
+        if label.startswith("G=") and cell.trials:
+            score = cell.logprob()[0]
+            if n not in best or score > best[n][0]:
+                best[n] = (score, label)
+    return {n: label for n, (score, label) in sorted(best.items())}
+
+
+def _cell_text(cell: Cell) -> str:
+    mean, lo, hi = cell.logprob()
+    ppl = cell.perplexity()
+    return (f"{mean:.2f} ({lo:.2f} to {hi:.2f}); {cell.found}/{len(cell.trials)}"
+            + (f"; {_ppl(ppl)}" if ppl is not None else ""))
+
+
+def _ppl(value: float) -> str:
+    return f"{value:.2f}" if value < 1000 else f"{value:.3g}"
+
+
+def render_markdown(report: Mapping[str, object], plot_file: Optional[str] = None) -> str:
+    """The sweep's page: every number comes from ``report`` (sweep.json)."""
+    from .context import plan_context
+    from .methods import METHODS
+    from .stats import wilson_interval
+
+    L = int(report["n_ctx_train"])
+    by = cells(report)
+    lengths = sorted({int(n) for r in report["readings"] for n in r["lengths"]})
+    n_layouts = len(report["layouts"])
+    allowance = int(report["layouts"][0]["allowance"])
+    per_length = {n: next(sum(int(t["length"]) == n for t in r["trials"]) for r in report["readings"]
+                          if n in r["lengths"] and r["seed"] == 0) for n in lengths}
+    lines = [f"# Choosing G and W: a sweep on {Path(str(report['model'])).name}", "",
+             f"Measured on {report['date']} on {report['machine']}, {report.get('threads') or 'all'} threads, "
+             f"in {report.get('minutes', '?')} minutes of model time, by one command:", "", "```",
+             report.get("command") or "pyselfextend sweep --out docs", "```", "",
+             f"The model's trained context L is {L} tokens. Every number here is in `sweep.json` beside this page, "
+             "which the command writes.", "",
+             "## The task", "",
+             f"One long document, {report['document']}, with short facts planted in it, about one every "
+             f"{report.get('spacing', FACT_SPACING)} tokens, each about a different thing and with a 5-digit answer (for example: "
+             f"\"{STATEMENT.format(fact=FACTS[2][0].format(key=48213)).strip()}\"). Each setting reads the "
+             f"document once; at each length n it stops {allowance} tokens short of n and asks about every fact "
+             "planted so far, one question at a time (the question is appended to the cached document and "
+             "dropped after the answer). So every setting answers the very same prompts at a given length: "
+             + ", ".join(f"{per_length[n]} question{'s' * (per_length[n] != 1)} at {_size(n)}" for n in lengths)
+             + (f", for each of {n_layouts} layouts (facts, places and numbers drawn from seeds 0-{n_layouts - 1})"
+                if n_layouts > 1 else "") + ".", "",
+             "Each cell gives: the mean log-probability (nats) of the answer's tokens right after the question "
+             "(teacher-forced; 0 is certainty, a random 5-digit number is about -11.5) with its 95% interval "
+             "(Student's t); how many answers were right (greedy decoding, first number of the answer); and the "
+             f"perplexity of the document's tokens past L (positions {L + 1} to n - {allowance}), from the same "
+             "reading.", ""]
+    if plot_file:
+        lines += [f"![heat maps]({plot_file})", ""]
+
+    lines += ["## Summary", ""]
+    best = best_settings(report)
+    for n in lengths:
+        if n not in best:
+            continue
+        b = by[(best[n], n)]
+        mean, lo, hi = b.logprob()
+        text = f"- {_size(n)}: best {best[n]}, log P {mean:.2f} ({lo:.2f} to {hi:.2f}), found {b.found}/{len(b.trials)}"
+        try:
+            plan = plan_context(n, L)
+            default = f"G={plan.group_size} W={plan.window}"
+            if (default, n) in by and default != best[n]:
+                d = by[(default, n)]
+                dm, dlo, dhi = d.logprob()
+                text += (f"; the default ({default}) {dm:.2f} ({dlo:.2f} to {dhi:.2f}), found "
+                         f"{d.found}/{len(d.trials)}")
+            elif default == best[n]:
+                text += " (the default)"
+        except ValueError:
+            pass
+        refs = [(label, c) for (label, m), c in by.items() if m == n and not label.startswith("G=") and c.trials]
+        if refs:
+            label, c = max(refs, key=lambda lc: lc[1].logprob()[0])
+            rm, rlo, rhi = c.logprob()
+            text += f"; best reference {label}: {rm:.2f} ({rlo:.2f} to {rhi:.2f}), found {c.found}/{len(c.trials)}"
+        lines.append(text + ".")
+    lines.append("")
+
+    for n in lengths:
+        groups, windows, values = _grid_values(report, n, lambda c: c)
+        if not values:
+            continue
+        cols = _window_columns(windows)
+        lines += [f"## {_size(n)} tokens", "",
+                  "SelfExtend, G down, W across: mean log P (95% interval); found; perplexity past L.", "",
+                  "| G \\ W | " + " | ".join(str(c) for c in cols) + " |", "| --- |" + " --- |" * len(cols)]
+        for g in groups:
+            row = ["out of reach" for _ in cols]
+            for (gg, w), cell in values.items():
+                if gg == g and cell is not None:
+                    row[cols.index(_column(w, cols))] = _cell_text(cell)
+            lines.append(f"| {g} | " + " | ".join(row) + " |")
+        refs = [(label, c) for (label, m), c in by.items() if m == n and not label.startswith("G=")]
+        if refs:
+            lines += ["", "References on the same prompts:", "", "| method | log P (95% interval) | found (95%) "
+                      "| perplexity past L |", "| --- | --- | --- | --- |"]
+            for label, c in refs:
+                mean, lo, hi = c.logprob()
+                flo, fhi = wilson_interval(c.found, len(c.trials))
+                ppl = c.perplexity()
+                lines.append(f"| {label} | {mean:.2f} ({lo:.2f} to {hi:.2f}) | {c.found}/{len(c.trials)} "
+                             f"({flo:.0%}-{fhi:.0%}) | {'' if ppl is None else _ppl(ppl)} |")
+        lines.append("")
+    families = sorted({r["family"] for r in report["readings"]})
+    lines += ["Methods:", "", "- SelfExtend: this project, with the G and W of its row and column (W rounded down to a "
+              "multiple of G, as `plan_context` does)."]
+    lines += [f"- {f}: {METHODS[f].note}." for f in families if f in METHODS and f != "SelfExtend"]
+    if "llama.cpp grp-attn" in families:
+        lines.append("- llama.cpp grp-attn-n n: llama.cpp's group attention as on the results page, with n = 2, 4 "
+                     "or 8 (it reaches n times the trained context).")
+    return "\n".join(lines) + "\n"

@@ -1,0 +1,171 @@
+"""pyselfextend sweep: the planted-facts task, reading with questions on the way, the grid, the page."""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from pyselfextend.baselines import LlamaCppGroupAttention
+from pyselfextend.sweep import FACTS, build_layout, question_ids, read_and_ask, sweep_settings
+
+
+def _prose(n_sentences: int, seed: int = 0) -> str:
+    """Sentences of words for the tiny model, one per line: its tokenizer spells a space as three
+    bytes, a newline as one, so a sentence ends where a statement can go."""
+    rng = np.random.default_rng(seed)
+    return "\n".join(" ".join(f"w{int(w)}" for w in rng.integers(0, 60, size=3)) + "." for _ in range(n_sentences))
+
+
+def test_a_layout_plants_each_fact_between_sentences(tiny_model):
+    from pyselfextend import LocalModel
+
+    llm = LocalModel(tiny_model(), n_ctx=1024, n_threads=1)
+    layout = build_layout(llm, _prose(300), [512, 768], seed=1, spacing=150)
+    assert len(layout.ids) == 768 and layout.ids[0] == llm.tokenize("")[0]
+    assert len({f.index for f in layout.facts}) == len(layout.facts) >= 4  # each fact about something else
+    assert len({f.key for f in layout.facts}) == len(layout.facts)
+    starts = [f.start for f in layout.facts]
+    assert starts == sorted(starts) and all(a.end <= b.start for a, b in zip(layout.facts, layout.facts[1:]))
+    for f in layout.facts:
+        statement = llm.detokenize(layout.ids[f.start:f.end]).replace("\u2581", " ")  # the tiny vocabulary's space
+        assert statement.lstrip().startswith("(Added to this copy: ") and statement.endswith(f" {f.key}.)")
+        assert llm.detokenize(layout.ids[f.start - 1:f.start]).endswith(".")  # after a sentence
+    # each length asks about the facts that end before its question, and those are earlier ones
+    early, late = layout.asked_at(512), layout.asked_at(768)
+    assert 1 <= len(early) < len(late) and late[:len(early)] == early
+    assert all(f.end <= 512 - layout.allowance for f in early)
+    # the same seed, the same layout; another seed, other facts
+    assert build_layout(llm, _prose(300), [512, 768], seed=1, spacing=150).fingerprint() == layout.fingerprint()
+    assert build_layout(llm, _prose(300), [512, 768], seed=2, spacing=150).fingerprint() != layout.fingerprint()
+    with pytest.raises(ValueError, match="too few for length"):
+        build_layout(llm, _prose(5), [512, 768], spacing=150)
+
+
+@pytest.mark.parametrize("method", ["selfextend", "group attention"])
+def test_each_question_scores_what_a_fresh_prompt_does(tiny_model, method):
+    # The sweep's answers come from questions appended to a document read batch by batch and
+    # dropped again; each must score what the same prompt scores evaluated on its own.
+    from pyselfextend import LocalModel
+    from pyselfextend.perplexity import target_log_probs
+
+    path = tiny_model()
+    tokenizer = LocalModel(path, n_ctx=1024, n_threads=1)
+    layout = build_layout(tokenizer, _prose(300), [512, 768], seed=0, spacing=150)
+
+    def opened():
+        if method == "selfextend":
+            return LocalModel(path, n_ctx=768, n_threads=1, n_batch=128, group_size=4, window=32)
+        # Group attention divides positions batch by batch: a fresh prompt of text + question goes in
+        # the same batches as the sweep's reading only if the text's last partial batch and the
+        # question fit in one, as with 512-token batches and the real model's short questions.
+        return LlamaCppGroupAttention(path, 768, 4, 1, n_batch=256)
+
+    llm = opened()
+    got = read_and_ask(llm, layout, [512, 768])
+    assert [t["length"] for t in got["trials"]] == [512] * len(layout.asked_at(512)) + [768] * len(layout.asked_at(768))
+    fresh = opened()
+    for t in got["trials"][:1] + got["trials"][-1:]:
+        fact = next(f for f in layout.facts if f.start == t["position"])
+        q, answer = question_ids(tokenizer, fact)
+        prompt = layout.ids[:layout.text_end(t["length"])] + q
+        assert layout.text_end(t["length"]) % 256 + len(q) + len(answer) <= 256
+        fresh.reset()
+        rows = fresh.eval(prompt + answer[:-1], all_logits=True)[len(prompt) - 1:]
+        want = float(target_log_probs(rows, answer).sum())
+        assert abs(t["key_logprob"] - want) <= 1e-3 * abs(want) + 1e-3, (t, want)
+        assert t["distance"] == layout.text_end(t["length"]) - fact.start
+    # the document's likelihood comes from the same reading: every position up to the last stop
+    assert got["nll"].shape == (768 - layout.allowance,) and np.isfinite(got["nll"]).all()
+    fresh.reset()
+    logits = fresh.eval(layout.ids[:300], all_logits=True)
+    want = -target_log_probs(logits[:-1], layout.ids[1:300])
+    assert np.allclose(got["nll"][:299], want, rtol=1e-3, atol=1e-3)
+
+
+def test_the_grid_keeps_the_settings_that_reach_each_length():
+    settings = sweep_settings(8192, [12288, 16384, 24576], [2, 3, 4, 6, 8], [1024, 2048, 4096])
+    se = [s for s in settings if s.family == "SelfExtend"]
+    cells = {n: [s for s in se if n in s.lengths] for n in (12288, 16384, 24576)}
+    # (L - W) * G + W >= n: every G at 12k, G >= 3 at 16k, and at 24k G >= 4 (G >= 6 with W = 4k)
+    assert [len(cells[n]) for n in (12288, 16384, 24576)] == [15, 12, 8]
+    assert all(s.window % s.group_size == 0 and s.window > {1024: 1016, 2048: 2040, 4096: 4088}[
+        min((1024, 2048, 4096), key=lambda w: abs(w - s.window))] for s in se)  # W rounded down to a multiple of G
+    assert {s.label for s in cells[24576] if s.window >= 4090} == {"G=6 W=4092", "G=8 W=4096"}
+    refs = {s.label: s.lengths for s in settings if s.family != "SelfExtend"}
+    assert refs["ordinary"] == (12288, 16384, 24576)
+    assert refs["YaRN 12k"] == (12288,) and refs["YaRN 24k"] == (24576,)
+    assert refs["llama.cpp grp-attn-n 2"] == (12288, 16384) and refs["llama.cpp grp-attn-n 8"] == (12288, 16384, 24576)
+    assert not any(s.family != "SelfExtend" for s in sweep_settings(8192, [12288], [4], [2048], references=False))
+
+
+def test_the_sweep_command_writes_its_page_and_resumes(tiny_model, tmp_path):
+    model = tiny_model(n_ctx_train=256)
+    doc = tmp_path / "doc.txt"
+    doc.write_text(_prose(300))
+    out = tmp_path / "sweep"
+    from pyselfextend.sweep import run_sweep
+
+    logs = []
+    report = run_sweep(str(model), out, lengths=[512, 768], groups=[2, 3, 4], windows=[32, 64], replicates=2,
+                       threads=1, document=doc, spacing=150, n_batch=128, log=logs.append)
+    labels = {(r["label"], r["seed"]) for r in report["readings"]}
+    # G=2 reaches neither length with these windows; G=3 only 512
+    assert {lab for lab, _ in labels if lab.startswith("G=")} == {"G=3 W=30", "G=3 W=63", "G=4 W=32", "G=4 W=64"}
+    assert {seed for _, seed in labels} == {0, 1}
+    assert {"ordinary", "YaRN 512", "YaRN 768", "llama.cpp grp-attn-n 2", "llama.cpp grp-attn-n 4"} <= \
+        {lab for lab, _ in labels}
+    for r in report["readings"]:
+        assert all(-1e3 < t["key_logprob"] < 0 for t in r["trials"])
+        assert set(r["ppl_past_L"]) == {str(n) for n in r["lengths"]} and all(p > 1 for p in r["ppl_past_L"].values())
+    page = (out / "sweep.md").read_text()
+    assert json.loads((out / "sweep.json").read_text())["readings"] == report["readings"]
+    assert "| G \\ W | 32 | 64 |" in page and "## 768 tokens" in page and "llama.cpp grp-attn-n 4" in page
+
+    # Interrupted and resumed: what was finished is kept, not read again.
+    saved = json.loads((out / "sweep.json").read_text())
+    saved["readings"] = saved["readings"][:3]
+    (out / "sweep.json").write_text(json.dumps(saved))
+    logs.clear()
+    again = run_sweep(str(model), out, lengths=[512, 768], groups=[2, 3, 4], windows=[32, 64], replicates=2,
+                      threads=1, document=doc, spacing=150, n_batch=128, log=logs.append, resume=True)
+    assert sum("kept from the earlier run" in m for m in logs) == 3
+    assert again["readings"][:3] == saved["readings"]
+    assert [(r["label"], r["seed"]) for r in again["readings"]] == [(r["label"], r["seed"]) for r in report["readings"]]
+    # the same trials again: reading is deterministic
+    assert again["readings"][5]["trials"] == report["readings"][5]["trials"]
+
+
+def test_the_sweep_command_line(tiny_model, tmp_path):
+    r = subprocess.run([sys.executable, "-m", "pyselfextend", "sweep", "--groups", "1,2"], capture_output=True,
+                       text=True, timeout=60)
+    assert r.returncode != 0 and "must be >= 2" in r.stderr
+    doc = tmp_path / "doc.txt"
+    doc.write_text(_prose(3))
+    r = subprocess.run([sys.executable, "-m", "pyselfextend", "sweep", "-m", str(tiny_model(n_ctx_train=256)),
+                        "--lengths", "400", "--groups", "2", "--windows", "32", "--document", str(doc),
+                        "--out", str(tmp_path / "o"), "-t", "1"], capture_output=True, text=True, timeout=60)
+    # G=2, W=32 reaches (256 - 32) * 2 + 32 = 480 tokens: 400 is fine, but the text is too short
+    assert r.returncode != 0 and "too few for length 400" in r.stderr and "Traceback" not in r.stderr
+
+
+@pytest.mark.model
+def test_smollm_answers_the_planted_facts_within_its_trained_context(smollm_path):
+    # The task must be one the model can do where nothing is extended; otherwise no setting could
+    # be told from another past it.
+    from pathlib import Path
+
+    from pyselfextend import LocalModel
+    from pyselfextend.evaluate import fetch_gnu_standards
+
+    doc = fetch_gnu_standards(Path.home() / ".cache" / "pyselfextend" / "documents" / "gnu-standards.txt")
+    llm = LocalModel(smollm_path, n_ctx=3072, n_threads=2)
+    layout = build_layout(llm, doc.read_text(encoding="utf-8")[:40000], [3072], seed=0, spacing=700)
+    assert layout.allowance <= 64 and len(layout.facts) == 4
+    got = read_and_ask(llm, layout, [3072])
+    trials = got["trials"]
+    assert len(trials) == 4 and sum(t["ok"] for t in trials) >= 3, trials
+    assert np.mean([t["key_logprob"] for t in trials]) > -3.0, trials
+    assert all(len(FACTS[t["fact"]]) == 2 for t in trials)
