@@ -46,41 +46,6 @@ def passkey_prompt(count_tokens: Callable[[str], int], n_tokens: int, depth: flo
     return prompt
 
 
-# The second task: one fact planted in real prose (a long natural document), asked at the end. The
-# prose does not repeat, so the model must find the fact among text that looks like it matters.
-FACT_INTRO = "Read the document below; a question about it follows.\n\n"
-FACT_LINE = " (Added to this copy: the spare key to the print room is kept in locker {key}.) "
-FACT_QUESTION = "\n\nQuestion: in which locker is the spare key to the print room kept? Answer: in locker"
-
-
-def fact_prompt(count_tokens: Callable[[str], int], document: str, n_tokens: int, depth: float, key: int) -> str:
-    """A prompt of at most ``n_tokens`` tokens: the longest beginning of ``document`` that fits,
-    cut after a sentence, with the fact about ``key`` inserted after the sentence nearest to a
-    fraction ``depth`` of it, and the question at the end (never cut)."""
-    if not 0.0 <= depth <= 1.0:
-        raise ValueError(f"depth must be in [0, 1], got {depth}")
-    ends = [i + 1 for i, c in enumerate(document) if c in ".!?" and document[i + 1:i + 2] in (" ", "\n")]
-    if not ends:
-        raise ValueError("the document has no sentence to cut after (no '.', '!' or '?' before a space)")
-
-    def build(cut: int) -> str:
-        text = document[:cut]
-        # where the fact goes: the sentence end nearest to depth * cut (0 and cut count as ends)
-        at = min([0, cut] + [e for e in ends if e <= cut], key=lambda e: abs(e - depth * cut))
-        return FACT_INTRO + text[:at] + FACT_LINE.format(key=key) + text[at:] + FACT_QUESTION
-
-    if count_tokens(build(ends[0])) > n_tokens:
-        raise ValueError(f"the shortest fact prompt is {count_tokens(build(ends[0]))} tokens, longer than {n_tokens}")
-    lo, hi = 0, len(ends) - 1  # the longest cut that fits: token counts grow with the cut
-    while lo < hi:
-        mid = (lo + hi + 1) // 2
-        if count_tokens(build(ends[mid])) <= n_tokens:
-            lo = mid
-        else:
-            hi = mid - 1
-    return build(ends[lo])
-
-
 Cell = Tuple[int, float, int]  # (length, depth, trial)
 
 
@@ -106,11 +71,17 @@ def answer_logprob(llm, prompt_ids: List[int], answer: List[int]) -> float:
     teacher-forced: log P(a_0 | prompt) + log P(a_1 | prompt, a_0) + ... One evaluation of the
     prompt (``prefill``: a LocalModel that holds it already evaluates nothing again) and of the
     answer's tokens but the last."""
-    from .perplexity import target_log_probs
-
     if not answer:
         raise ValueError("answer_logprob needs at least one answer token")
-    rows = [llm.prefill(prompt_ids)]
+    return forced_logprob(llm, llm.prefill(prompt_ids), answer)
+
+
+def forced_logprob(llm, first: np.ndarray, answer: List[int]) -> float:
+    """log P(answer) teacher-forced, given ``first``, the logits after a prompt the cache holds
+    and nothing after it: evaluates the answer's tokens but the last."""
+    from .perplexity import target_log_probs
+
+    rows = [first]
     if len(answer) > 1:
         rows += list(llm.eval(answer[:-1], all_logits=True))
     return float(target_log_probs(np.stack(rows), answer).sum())

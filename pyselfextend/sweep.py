@@ -169,19 +169,18 @@ def build_layout(llm, document: str, lengths: Sequence[int], seed: int = 0, spac
 
 def question_ids(llm, fact: Fact) -> Tuple[List[int], List[int]]:
     """The question's tokens as appended to the document, and the answer's tokens as the model
-    would write them after it (the two tokenized as one text, where that splits cleanly)."""
+    would write them after it."""
+    from .passkey import answer_ids
+
     question = QUESTION.format(question=FACTS[fact.index][1])
-    q = llm.tokenize(question, add_special=False)
-    full = llm.tokenize(question + f" {fact.key}", add_special=False)
-    answer = full[len(q):] if len(full) > len(q) and full[:len(q)] == q else llm.tokenize(f" {fact.key}",
-                                                                                         add_special=False)
-    return q, answer
+    return llm.tokenize(question, add_special=False), answer_ids(llm, question, llm.tokenize(question),
+                                                                 f" {fact.key}")
 
 
 def ask(llm, fact: Fact, n_past: int) -> Dict[str, object]:
     """Asks about ``fact`` after the ``n_past`` tokens cached, greedily and teacher-forced, and
     leaves the cache as it found it."""
-    from .perplexity import target_log_probs
+    from .passkey import forced_logprob
 
     q, answer = question_ids(llm, fact)
     first = np.array(llm.eval(q), dtype=np.float32)
@@ -194,8 +193,7 @@ def ask(llm, fact: Fact, n_past: int) -> Dict[str, object]:
         logits = llm.eval([token])
     text = llm.detokenize(generated)
     llm.truncate(n_past + len(q))
-    rows = [first] + (list(llm.eval(answer[:-1], all_logits=True)) if len(answer) > 1 else [])
-    logprob = float(target_log_probs(np.stack(rows), answer).sum())
+    logprob = forced_logprob(llm, first, answer)
     llm.truncate(n_past)
     number = re.search(r"\d+", text)
     return {"fact": fact.index, "key": fact.key, "position": fact.start, "answer": text,

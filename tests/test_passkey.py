@@ -130,35 +130,3 @@ def test_intervals():
     assert mean_interval([1.0, 2.0, 3.0, 4.0]) == pytest.approx((2.5, 0.446, 4.554), abs=1e-3)
     with pytest.raises(ValueError):
         wilson_interval(3, 2)
-
-
-PROSE = " ".join(f"Sentence number {i} of a document that never repeats itself, about topic {i % 7}." for i in range(800))
-
-
-@pytest.mark.parametrize("depth", [0.0, 0.3, 0.5, 0.9, 1.0])
-def test_fact_prompt_length_and_depth(depth):
-    from pyselfextend.passkey import FACT_LINE, FACT_QUESTION, fact_prompt
-
-    prompt = fact_prompt(words, PROSE, 3000, depth, 4821)
-    longest_sentence = max(words(s) for s in PROSE.split(". "))
-    assert 3000 - longest_sentence - 2 <= words(prompt) <= 3000
-    assert prompt.endswith(FACT_QUESTION) and prompt.count(FACT_LINE.format(key=4821)) == 1
-    body = prompt[:-len(FACT_QUESTION)]
-    at = body.index(FACT_LINE.format(key=4821))
-    doc_before, doc_after = body[:at], body[at + len(FACT_LINE.format(key=4821)):]
-    fraction = len(doc_before) / (len(doc_before) + len(doc_after))
-    assert abs(fraction - depth) <= 0.02, fraction
-    # cut after a sentence, the fact between sentences
-    assert doc_before == "" or doc_before.endswith(".") or doc_before.endswith("\n\n")
-    assert doc_after == "" or doc_after.endswith(".")
-
-
-def test_fact_prompt_errors():
-    from pyselfextend.passkey import fact_prompt
-
-    with pytest.raises(ValueError, match="depth"):
-        fact_prompt(words, PROSE, 3000, -0.1, 1)
-    with pytest.raises(ValueError, match="no sentence"):
-        fact_prompt(words, "no full stop here", 3000, 0.5, 1)
-    with pytest.raises(ValueError, match="shortest fact prompt"):
-        fact_prompt(words, PROSE, 20, 0.5, 1)
