@@ -481,6 +481,90 @@ def best_settings(report: Mapping[str, object]) -> Dict[int, str]:
     return {n: label for n, (score, label) in sorted(best.items())}
 
 
+def _question(trial: Mapping[str, object], seed: int) -> Tuple[int, int, int]:
+    return seed, int(trial["length"]), int(trial["fact"])
+
+
+def candidate_rules(report: Mapping[str, object]) -> Dict[str, Dict[int, str]]:
+    """Rules that choose (G, W) from the length, as the grid can answer them: rule -> {length:
+    setting label}. "W = w, smallest G": for each W of the grid the smallest G of the grid that
+    reaches the length (with W = L/4 this is ``plan_context``'s default where that G is in the
+    grid); "G = g, W = L/4": one group size at every length it reaches."""
+    L = int(report["n_ctx_train"])
+    have = set(cells(report))
+    groups = sorted(int(g) for g in report["grid"]["groups"])
+    lengths = sorted({int(n) for r in report["readings"] if r["family"] == "SelfExtend" for n in r["lengths"]})
+    rules: Dict[str, Dict[int, str]] = {}
+    for w in sorted(int(w) for w in report["grid"]["windows"]):
+        name = f"W = {w}" + (f" (L/{L // w})" if L % w == 0 else "") + ", smallest G that reaches"
+        rules[name] = {}
+        for n in lengths:
+            g = next((g for g in groups if (f"G={g} W={w - w % g}", n) in have), None)
+            if g is not None:
+                rules[name][n] = f"G={g} W={w - w % g}"
+    quarter = L // 4
+    for g in groups:
+        picked = {n: f"G={g} W={quarter - quarter % g}" for n in lengths if (f"G={g} W={quarter - quarter % g}", n) in have}
+        if picked:
+            rules[f"G = {g}, W = L/4"] = picked
+    return {name: picked for name, picked in rules.items() if picked}
+
+
+def paired_difference(report: Mapping[str, object], a: Mapping[int, str], b: Mapping[int, str]):
+    """Mean log P of rule ``a`` minus rule ``b`` over the questions both were asked (the same
+    prompts, so paired), with its 95% interval and the number of pairs; None without pairs."""
+    from .stats import mean_interval
+
+    scores: Dict[Tuple[str, Tuple[int, int, int]], float] = {}
+    for r in report["readings"]:
+        for t in r["trials"]:
+            scores[(r["label"], _question(t, int(r["seed"])))] = float(t["key_logprob"])
+    diffs = []
+    for n in sorted(set(a) & set(b)):
+        for (label, q), v in scores.items():
+            if label == a[n] and q[1] == n and (b[n], q) in scores:
+                diffs.append(v - scores[(b[n], q)])
+    if not diffs:
+        return None
+    mean, lo, hi = mean_interval(diffs)
+    return mean, lo, hi, len(diffs)
+
+
+def default_rule(report: Mapping[str, object]) -> Dict[int, str]:
+    """What ``plan_context`` picks at each length of the sweep."""
+    from .context import plan_context
+
+    L = int(report["n_ctx_train"])
+    lengths = sorted({int(n) for r in report["readings"] if r["family"] == "SelfExtend" for n in r["lengths"]})
+    picked = {}
+    for n in lengths:
+        plan = plan_context(n, L)
+        picked[n] = f"G={plan.group_size} W={plan.window}"
+    return picked
+
+
+def _rules_section(report: Mapping[str, object]) -> List[str]:
+    by = cells(report)
+    default = default_rule(report)
+    rules = candidate_rules(report)
+    lengths = sorted(default)
+    lines = ["## Rules for choosing G and W", "",
+             "Each rule picks one cell per length. The difference from the default (`plan_context`: "
+             + ", ".join(f"{default[n]} at {_size(n)}" for n in lengths)
+             + ") is taken question by question, since every setting answered the same prompts; its 95% "
+             "interval (Student's t) says whether the rule is really better (above 0) or worse.", "",
+             "| rule | " + " | ".join(_size(n) for n in lengths) + " | mean log P | found | minus the default "
+             "(95% interval, pairs) |", "| --- |" + " --- |" * (len(lengths) + 3)]
+    for name, picked in rules.items():
+        trials = [t for n, label in picked.items() for t in by[(label, n)].trials]
+        diff = paired_difference(report, picked, default)
+        dtext = "" if diff is None else f"{diff[0]:+.2f} ({diff[1]:+.2f} to {diff[2]:+.2f}, {diff[3]})"
+        lines.append(f"| {name} | " + " | ".join(picked.get(n, "out of reach") for n in lengths)
+                     + f" | {np.mean([float(t['key_logprob']) for t in trials]):.2f} | "
+                     f"{sum(bool(t['ok']) for t in trials)}/{len(trials)} | {dtext} |")
+    return lines + [""]
+
+
 def _cell_text(cell: Cell) -> str:
     mean, lo, hi = cell.logprob()
     ppl = cell.perplexity()
@@ -542,9 +626,9 @@ def render_markdown(report: Mapping[str, object], plot_file: Optional[str] = Non
             default = f"G={plan.group_size} W={plan.window}"
             if (default, n) in by and default != best[n]:
                 d = by[(default, n)]
-                dm, dlo, dhi = d.logprob()
-                text += (f"; the default ({default}) {dm:.2f} ({dlo:.2f} to {dhi:.2f}), found "
-                         f"{d.found}/{len(d.trials)}")
+                diff = paired_difference(report, {n: best[n]}, {n: default})
+                text += (f"; the default ({default}) {d.logprob()[0]:.2f}, found {d.found}/{len(d.trials)}; best minus "
+                         f"default, question by question, {diff[0]:+.2f} ({diff[1]:+.2f} to {diff[2]:+.2f})")
             elif default == best[n]:
                 text += " (the default)"
         except ValueError:
@@ -556,6 +640,9 @@ def render_markdown(report: Mapping[str, object], plot_file: Optional[str] = Non
             text += f"; best reference {label}: {rm:.2f} ({rlo:.2f} to {rhi:.2f}), found {c.found}/{len(c.trials)}"
         lines.append(text + ".")
     lines.append("")
+
+    if all((label, n) in by for n, label in default_rule(report).items()):
+        lines += _rules_section(report)
 
     for n in lengths:
         groups, windows, values = _grid_values(report, n, lambda c: c)

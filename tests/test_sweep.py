@@ -124,6 +124,19 @@ def test_the_sweep_command_writes_its_page_and_resumes(tiny_model, tmp_path):
     assert json.loads((out / "sweep.json").read_text())["readings"] == report["readings"]
     assert "| G \\ W | 32 | 64 |" in page and "## 768 tokens" in page and "llama.cpp grp-attn-n 4" in page
 
+    # Rules compared with the default question by question: the default against itself is 0; any
+    # other rule's paired difference is the difference of the two cells' means on the same questions.
+    from pyselfextend.sweep import cells, default_rule, paired_difference
+
+    assert default_rule(report) == {512: "G=3 W=63", 768: "G=4 W=64"}
+    assert "| W = 64 (L/4), smallest G that reaches | G=3 W=63 | G=4 W=64 |" in page
+    assert paired_difference(report, default_rule(report), default_rule(report))[:3] == (0.0, 0.0, 0.0)
+    by = cells(report)
+    mean, lo, hi, pairs = paired_difference(report, {768: "G=4 W=32"}, {768: "G=4 W=64"})
+    assert pairs == len(by[("G=4 W=32", 768)].trials) == 6
+    assert mean == pytest.approx(by[("G=4 W=32", 768)].logprob()[0] - by[("G=4 W=64", 768)].logprob()[0])
+    assert lo < mean < hi
+
     # Interrupted and resumed: what was finished is kept, not read again.
     saved = json.loads((out / "sweep.json").read_text())
     saved["readings"] = saved["readings"][:3]
