@@ -376,7 +376,7 @@ def cmd_info(args: argparse.Namespace) -> int:
                   f"ordinary, {plan.rope_scaling} RoPE scaling x{plan.rope_factor:g}" if plan.rope_scaling != "none"
                   else "ordinary")
         info.update({"n_ctx": args.ctx, "attention": method, "group_size": plan.group_size, "window": plan.window,
-                     "usable_length": plan.usable_length, "plan": plan.describe()})
+                     "usable_length": plan.usable_length, "plan": plan.describe(), "choice": plan.reason})
     if args.json:
         print(json.dumps(info, indent=2))
     else:

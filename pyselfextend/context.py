@@ -24,6 +24,7 @@ class ContextPlan:
     selfextend: bool     # False when the user turned SelfExtend off
     rope_scaling: str = "none"  # baseline extension with ordinary attention: "linear" or "yarn"
     rope_factor: float = 1.0
+    reason: str = ""     # why these G and W, in one line (``info --ctx`` shows it)
 
     @property
     def usable_length(self) -> Optional[int]:
@@ -75,20 +76,22 @@ def plan_context(n_ctx: int, n_ctx_train: int, group_size: Optional[int] = None,
         factor = rope_factor if rope_factor is not None else max(1.0, n_ctx / L)
         if not factor >= 1.0:
             raise ValueError(f"rope_factor must be >= 1, got {factor}")
-        return ContextPlan(n_ctx, L, 1, 0, False, rope_scaling, float(factor))
+        why = "the factor given" if rope_factor is not None else "factor n_ctx / trained context"
+        return ContextPlan(n_ctx, L, 1, 0, False, rope_scaling, float(factor), f"RoPE scaling baseline, {why}")
     if rope_factor is not None:
         raise ValueError("rope_factor needs rope_scaling ('linear' or 'yarn')")
     if not selfextend:
         if group_size is not None or window is not None:
             raise ValueError("group_size/window cannot be combined with selfextend=False")
-        return ContextPlan(n_ctx, L, 1, 0, False)
+        return ContextPlan(n_ctx, L, 1, 0, False, reason="SelfExtend turned off")
     # The given values alone first (the defaults below divide by L - W); n_ctx=0: no reach yet.
     _engine.check_selfextend(0, L, 1 if group_size is None else _check_int("group_size", group_size),
                              0 if window is None else _check_int("window", window))
 
+    reason = "group_size and window given"
     if group_size is None:
         if window is None and n_ctx <= L:
-            return ContextPlan(n_ctx, L, 1, 0, True)  # nothing to extend: ordinary attention is exact
+            return ContextPlan(n_ctx, L, 1, 0, True, reason="within the trained context: ordinary attention is exact")
         w = window if window is not None else L // 4
         group_size = max(1, -(-(n_ctx - w) // (L - w)))  # smallest G with (L - W) * G + W >= n_ctx
         if window is None:
@@ -98,15 +101,19 @@ def plan_context(n_ctx: int, n_ctx_train: int, group_size: Optional[int] = None,
                     f"W={w}: it needs group_size={group_size} > W; the default window reaches at most "
                     f"{usable_length(L, w, w)} tokens (give group_size and window to choose otherwise)")
             window = w - w % group_size if group_size > 1 else w
+            reason = f"W = L/4 = {w} rounded down to a multiple of G, and the smallest G that reaches n_ctx"
+        else:
+            reason = "window given, and the smallest G that reaches n_ctx"
     elif window is None:
         w = L // 4
         if 1 < group_size and w < group_size:
             raise ValueError(f"group_size={group_size} is wider than the default window W={w} (a quarter of the "
                              f"trained context {L}); give a window as well")
         window = w - w % group_size if group_size > 1 else 0
+        reason = f"group_size given, W = L/4 = {w} rounded down to a multiple of G"
     if group_size == 1:
         if n_ctx > L:
             raise ValueError(f"group_size=1 cannot reach n_ctx={n_ctx}: the trained context is {L}")
-        return ContextPlan(n_ctx, L, 1, 0, True)
+        return ContextPlan(n_ctx, L, 1, 0, True, reason="group_size=1: ordinary attention")
     _engine.check_selfextend(n_ctx, L, group_size, window)
-    return ContextPlan(n_ctx, L, group_size, window, True)
+    return ContextPlan(n_ctx, L, group_size, window, True, reason=reason)

@@ -99,10 +99,12 @@ def test_selfextend_options(tiny_model):
     r = run("info", str(tiny_model()), "--ctx", "1k", "--json")
     info = json.loads(r.stdout)
     assert info["attention"] == "selfextend" and info["group_size"] > 1 and info["usable_length"] >= 1024
+    assert info["choice"].startswith("W = L/4 = 64 rounded down to a multiple of G, and the smallest G")
     r = run("info", str(tiny_model()), "--ctx", "1k", "-G", "8", "-W", "32", "--json")
     info = json.loads(r.stdout)
     assert (info["group_size"], info["window"], info["usable_length"]) == (8, 32, (256 - 32) * 8 + 32)
     assert info["plan"] == "SelfExtend group_size=8 window=32: usable length 1824 tokens (trained context 256), n_ctx=1024"
+    assert info["choice"] == "group_size and window given"
     r = run("generate", "-m", str(tiny_model()), "-p", "hi", "--ctx", "1k", "--no-selfextend", "-G", "2")
     assert r.returncode == 1 and "--no-selfextend" in r.stderr
     r = run("info", str(tiny_model()), "--ctx", "100k", "-G", "2", "-W", "32")

@@ -219,6 +219,11 @@ def test_plan_defaults_and_checks():
     assert plan_context(4096, 8192).group_size == 1  # nothing to extend
     assert plan_context(16384, 8192, 4, 1024).usable_length == 29696
     assert plan_context(16384, 8192, window=1024).group_size == 3
+    # each plan says in one line why (info --ctx shows it)
+    assert "smallest G" in p.reason and "L/4" in p.reason
+    assert plan_context(4096, 8192).reason.startswith("within the trained context")
+    assert plan_context(16384, 8192, window=1024).reason == "window given, and the smallest G that reaches n_ctx"
+    assert plan_context(16384, 8192, group_size=4).reason.startswith("group_size given")
     with pytest.raises(ValueError, match="reaches .* 29696 tokens"):
         plan_context(40000, 8192, 4, 1024)
     with pytest.raises(ValueError, match="group_size must be >= 1"):
