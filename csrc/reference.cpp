@@ -83,38 +83,26 @@ void reference_model::reset() {
     full_batches_ = 0;
     last_full_ = false;
     compressed_at_ = 0;
-    kept_ = snapshot{};
+    last_full_end_ = 0;
 }
 
 void reference_model::truncate(int32_t n) {
     if (n < 0 || n > n_past_) throw std::invalid_argument("truncate: position out of range");
     if (n == n_past_) return;
-    llama_memory_t mem = llama_get_memory(ctx_);
-    if (grp_n_ > 1 && n == kept_.n_past && n <= compressed_at_) {
-        // back to just before the compression a short batch set off
-        llama_memory_seq_rm(mem, 0, -1, -1);
-        if (llama_state_seq_set_data(ctx_, kept_.cache.data(), kept_.cache.size(), 0) == 0) {
-            throw std::runtime_error("llama.cpp could not restore the kept cache");
-        }
-        n_past_ = kept_.n_past;
-        pos_ = kept_.pos;
-        full_batches_ = kept_.full_batches;
-        last_full_ = kept_.last_full;
-        compressed_at_ = kept_.compressed_at;
-        kept_ = snapshot{};
-        return;
+    // Under group attention, a full batch still to be divided is counted and due: going back into
+    // it would leave the count and its division wrong.
+    const bool undivided = grp_n_ > 1 && last_full_end_ > compressed_at_;
+    const int32_t lowest = grp_n_ == 1 ? 0 : undivided ? last_full_end_ : compressed_at_;
+    if (n < lowest) {
+        throw std::invalid_argument("truncate under group attention goes back only to where positions were last "
+                                    "divided (" + std::to_string(lowest) + ") or later: earlier tokens have moved");
     }
-    if (grp_n_ > 1 && n < compressed_at_) {
-        throw std::invalid_argument("truncate under group attention goes back only to tokens evaluated since the last "
-                                    "compression (" + std::to_string(compressed_at_) + ") or to just before a "
-                                    "compression a short batch set off (" + std::to_string(kept_.n_past) + ")");
-    }
-    // Since the last compression positions are consecutive: token n sits at pos_ - (n_past_ - n).
+    // From there on positions are consecutive: token n sits at pos_ - (n_past_ - n).
     const int32_t first = pos_ - (n_past_ - n);
-    llama_memory_seq_rm(mem, 0, first, -1);
+    llama_memory_seq_rm(llama_get_memory(ctx_), 0, first, -1);
     pos_ = first;
     n_past_ = n;
-    if (grp_n_ > 1) last_full_ = false;  // a cut batch is no full batch to divide
+    if (grp_n_ > 1) last_full_ = undivided && n == last_full_end_;
 }
 
 std::vector<float> reference_model::eval(const std::vector<int32_t> & tokens, bool all_logits) {
@@ -141,17 +129,6 @@ std::vector<float> reference_model::eval(const std::vector<int32_t> & tokens, bo
             // to the same place by seq_add alone, whose rotation is right. In increasing order, a
             // moved key lands on a position already done and is never moved twice.
             llama_memory_t mem = llama_get_memory(ctx_);
-            if (nb < n_batch_) {
-                kept_.cache.resize(llama_state_seq_get_size(ctx_, 0));
-                if (llama_state_seq_get_data(ctx_, kept_.cache.data(), kept_.cache.size(), 0) != kept_.cache.size()) {
-                    throw std::runtime_error("llama.cpp could not copy its cache");
-                }
-                kept_.n_past = n_past_;
-                kept_.pos = pos_;
-                kept_.full_batches = full_batches_;
-                kept_.last_full = last_full_;
-                kept_.compressed_at = compressed_at_;
-            }
             const int32_t ib = full_batches_ - 1;
             const int32_t shift = ib * (n_batch_ / grp_n_) * (grp_n_ - 1);
             for (int32_t p = pos_ - n_batch_; p < pos_; ++p) {
@@ -179,7 +156,10 @@ std::vector<float> reference_model::eval(const std::vector<int32_t> & tokens, bo
         n_past_ += nb;
         pos_ += nb;
         last_full_ = nb == n_batch_;
-        if (last_full_) ++full_batches_;
+        if (last_full_) {
+            ++full_batches_;
+            last_full_end_ = n_past_;
+        }
         done += nb;
     }
     return out;

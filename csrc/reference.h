@@ -28,9 +28,11 @@ public:
     // Same contract as engine::eval: appends to the cache, last-token or all logits.
     std::vector<float> eval(const std::vector<int32_t> & tokens, bool all_logits);
     void reset();
-    // Forgets tokens >= n. Under group attention the cached positions move, so it can only drop
-    // tokens evaluated since the last compression, or go back to just before a compression that a
-    // short batch (the end of a prompt: a question) triggered, whose state was kept for that.
+    // Forgets tokens >= n. Under group attention it goes back only to where positions were last
+    // divided, or later, and not into the last full batch while it waits to be divided. Going back
+    // to the end of a text read in whole batches after a question leaves the text's last batch
+    // divided early, which is what the next batch would have done to it: the text reads on as if
+    // never asked.
     void truncate(int32_t n);
     int32_t n_past() const { return n_past_; }
     int32_t n_vocab() const { return n_vocab_; }
@@ -44,14 +46,7 @@ private:
     int32_t full_batches_ = 0;   // full batches evaluated so far
     bool last_full_ = false;     // was the previous batch a full one (then it gets divided)
     int32_t compressed_at_ = 0;  // n_past_ when positions were last divided
-
-    // The state before a compression that a short batch triggered: a document fed in full batches
-    // can be asked a question, then continued as if it never had been.
-    struct snapshot {
-        std::vector<uint8_t> cache;  // llama_state_seq_get_data of sequence 0
-        int32_t n_past = -1, pos = 0, full_batches = 0, compressed_at = 0;
-        bool last_full = false;
-    } kept_;
+    int32_t last_full_end_ = 0;  // n_past_ after the last full batch
 };
 
 // Writes `src` requantized to `type` ("q4_k_m", "iq4_xs", "bf16", ...: the names of

@@ -66,9 +66,8 @@ class LlamaCppGroupAttention:
 
     def truncate(self, n: int) -> None:
         """Forgets the tokens from ``n`` on. Group attention moves cached positions, so this goes
-        back only over tokens evaluated since the last compression, or to just before a compression
-        that a short batch (a question after text fed in whole batches) set off; otherwise it
-        raises ValueError."""
+        back only to where they were last divided, or later (ValueError otherwise): to the end of a
+        text read in whole batches, after a question, the text reads on as if never asked."""
         self._ref.truncate(n)
 
     def detokenize(self, ids: Sequence[int]) -> str:

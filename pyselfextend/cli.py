@@ -484,7 +484,8 @@ def cmd_sweep(args: argparse.Namespace) -> int:
 
     run_sweep(args.model, Path(args.out), lengths=args.lengths, groups=args.groups, windows=args.windows,
               references=not args.no_references, replicates=args.replicates, threads=args.threads,
-              document=Path(args.document) if args.document else None, resume=args.resume, log=log_line)
+              document=Path(args.document) if args.document else None, resume=args.resume, verbose=args.verbose,
+              log=log_line)
     print(f"results written to {args.out}/sweep.md", file=sys.stderr)
     return 0
 

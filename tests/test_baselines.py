@@ -26,9 +26,10 @@ def test_group_attention_divides_only_past_batches(tiny_model):
 
 
 def test_group_attention_goes_back_to_before_a_question(tiny_model):
-    # A document fed in whole batches, a question, then the document read on: the same logits as
-    # a reading that never asked, although the question's batch made group attention divide
-    # positions (its state before that is kept and restored).
+    # A text read in whole batches, then its rest and a question in one short batch, which makes
+    # group attention divide the positions of the text's last whole batch: going back to the end of
+    # that batch and reading on gives the logits of a reading that never asked, bit for bit (the
+    # division only came early).
     path = str(tiny_model())
     ids = np.random.default_rng(3).integers(3, 320, size=400).tolist()
     fresh = _engine.Reference(path, 512, 64, 1, True, 4)
@@ -37,15 +38,33 @@ def test_group_attention_goes_back_to_before_a_question(tiny_model):
 
     asked = _engine.Reference(path, 512, 64, 1, True, 4)
     asked.eval(ids[:192], False)
-    asked.eval(ids[192:220], False)  # the document up to the question, cut short
-    asked.eval(ids[350:370], False)  # the question: no compression
+    asked.eval(ids[192:220] + ids[350:370], False)  # the rest of the text and a question: a short batch
     asked.eval([5], False)
-    asked.truncate(240)  # back over tokens read since the last compression
+    asked.truncate(240)  # back over tokens read since positions were divided
     asked.truncate(220)
-    with pytest.raises(ValueError, match="group attention goes back only"):
+    with pytest.raises(ValueError, match=r"goes back only to where positions were last divided \(192\) or later"):
         asked.truncate(100)
-    asked.truncate(192)  # to before the compression the short batch set off
+    asked.truncate(192)
     assert asked.n_past == 192
+    assert np.array_equal(asked.eval(ids[192:320], True), want)
+
+
+def test_group_attention_goes_back_to_the_end_of_a_batch_still_to_be_divided(tiny_model):
+    # A single token after a full batch divides nothing (only prompt batches do); going back to the
+    # end of that batch leaves it due to be divided by the next one, as if never left.
+    path = str(tiny_model())
+    ids = np.random.default_rng(4).integers(3, 320, size=400).tolist()
+    fresh = _engine.Reference(path, 512, 64, 1, True, 4)
+    fresh.eval(ids[:192], False)
+    want = fresh.eval(ids[192:320], True)
+
+    asked = _engine.Reference(path, 512, 64, 1, True, 4)
+    asked.eval(ids[:192], False)
+    asked.eval([7], False)
+    asked.eval([8], False)
+    with pytest.raises(ValueError, match="goes back only"):
+        asked.truncate(150)  # into the full batch still to be divided
+    asked.truncate(192)
     assert np.array_equal(asked.eval(ids[192:320], True), want)
 
 
