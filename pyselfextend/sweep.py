@@ -301,14 +301,14 @@ def sweep_settings(n_ctx_train: int, lengths: Sequence[int], groups: Sequence[in
             if reach and g > 1:
                 settings.append(Setting(f"G={g} W={w}", "SelfExtend", {"group_size": g, "window": w}, tuple(reach),
                                         g, w))
-    if references:
-        settings.append(Setting("ordinary", "ordinary", {"selfextend": False}, tuple(lengths)))
+    if references:  # ordinary attention last: it has long collapsed at these lengths
         settings += [Setting(f"YaRN {_size(n)}", "YaRN", {"rope_scaling": "yarn"}, (n,)) for n in lengths]
         for n in (2, 4, 8):
             reach = tuple(m for m in lengths if m <= n * (L - n_batch) + n_batch)
             if reach:
                 settings.append(Setting(f"llama.cpp grp-attn-n {n}", "llama.cpp grp-attn",
                                         {"grp_attn_n": n}, reach))
+        settings.append(Setting("ordinary", "ordinary", {"selfextend": False}, tuple(lengths)))
     return settings
 
 
