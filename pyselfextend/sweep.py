@@ -703,14 +703,22 @@ def render_markdown(report: Mapping[str, object], plot_file: Optional[str] = Non
             lines.append("No SelfExtend setting of the grid reaches this length.")
         refs = [(label, c) for (label, m), c in by.items() if m == n and not label.startswith("G=")]
         if refs:
-            lines += ["", "References on the same prompts:", "", "| method | log P (95% interval) | found (95%) "
-                      "| perplexity past L |", "| --- | --- | --- | --- |"]
+            mine = default.get(n)
+            lines += ["", "References on the same prompts" + (f", and SelfExtend's default ({mine}) minus each, "
+                                                                "question by question" if mine else "") + ":", "",
+                      "| method | log P (95% interval) | found (95%) | perplexity past L |"
+                      + (" default minus this (95%) |" if mine else ""),
+                      "| --- | --- | --- | --- |" + (" --- |" if mine else "")]
             for label, c in refs:
                 mean, lo, hi = c.logprob()
                 flo, fhi = wilson_interval(c.found, len(c.trials))
                 ppl = c.perplexity()
-                lines.append(f"| {label} | {mean:.2f} ({lo:.2f} to {hi:.2f}) | {c.found}/{len(c.trials)} "
-                             f"({flo:.0%}-{fhi:.0%}) | {'' if ppl is None else _ppl(ppl)} |")
+                row = (f"| {label} | {mean:.2f} ({lo:.2f} to {hi:.2f}) | {c.found}/{len(c.trials)} "
+                       f"({flo:.0%}-{fhi:.0%}) | {'' if ppl is None else _ppl(ppl)} |")
+                if mine:
+                    d = paired_difference(report, {n: mine}, {n: label})
+                    row += f" {d[0]:+.2f} ({d[1]:+.2f} to {d[2]:+.2f}) |" if d else " |"
+                lines.append(row)
         lines.append("")
     families = sorted({r["family"] for r in report["readings"]})
     lines += ["Methods:", "", "- SelfExtend: this project, with the G and W of its row and column (W rounded down to a "

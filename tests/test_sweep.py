@@ -165,6 +165,7 @@ def test_the_sweep_command_writes_its_page_and_resumes(tiny_model, tmp_path):
 
     assert default_rule(report) == {768: "G=2 W=128", 1024: "G=3 W=126"}
     assert "| W = 128 (L/4), smallest G that reaches | G=2 W=128 | G=3 W=126 |" in page
+    assert "SelfExtend's default (G=3 W=126) minus each, question by question" in page
     assert paired_difference(report, default_rule(report), default_rule(report))[:3] == (0.0, 0.0, 0.0)
     by = cells(report)
     mean, lo, hi, facts = paired_difference(report, {1024: "G=4 W=64"}, {1024: "G=4 W=128"})
