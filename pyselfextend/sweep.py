@@ -726,5 +726,5 @@ def render_markdown(report: Mapping[str, object], plot_file: Optional[str] = Non
     lines += [f"- {f}: {METHODS[f].note}." for f in families if f in METHODS and f != "SelfExtend"]
     if "llama.cpp grp-attn" in families:
         lines.append("- llama.cpp grp-attn-n n: llama.cpp's group attention as on the results page, with n = 2, 4 "
-                     "or 8 (it reaches n times the trained context).")
+                     "or 8 (all but the last batch divided by n, it reaches n (L - 512) + 512 tokens with 512-token batches).")
     return "\n".join(lines) + "\n"
