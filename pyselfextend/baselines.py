@@ -71,7 +71,7 @@ class LlamaCppGroupAttention:
         self._ref.truncate(n)
 
     def detokenize(self, ids: Sequence[int]) -> str:
-        return b"".join(bytes(self._vocab.token_to_piece(int(t), False)) for t in ids).decode("utf-8", "replace")
+        return bytes(self._vocab.detokenize([int(t) for t in ids], False)).decode("utf-8", errors="replace")
 
     def is_eog(self, token: int) -> bool:
         """Whether ``token`` ends a generation (end of text or of a turn)."""

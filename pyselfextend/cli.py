@@ -136,12 +136,12 @@ def _int_in(lo: int, hi: Optional[int] = None, what: str = "an integer"):
 
 
 _positive_int = _int_in(1)
+_port = _int_in(0, 65535, "a port number")
 
 
 def _group_list(text: str) -> List[int]:
     """'2,3,4' -> [2, 3, 4]: group sizes, each an integer >= 2."""
     return [_int_in(2, None, "a group size")(t.strip()) for t in str(text).split(",")]
-_port = _int_in(0, 65535, "a port number")
 
 
 def _add_model_args(p: argparse.ArgumentParser) -> None:
@@ -181,6 +181,15 @@ def _add_baseline_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--grp-attn-n", type=_positive_int, default=None, metavar="N",
                    help="baseline: llama.cpp's own group attention (libllama, its passkey example's scheme) "
                         "with factor N instead of pyselfextend")
+
+
+def _add_results_args(p: argparse.ArgumentParser, files: str, document: str, parts: str, results: str) -> None:
+    """--out, --document and --resume of the long evaluations that write a results page."""
+    p.add_argument("--out", default="docs", metavar="DIR", help=f"where {files} go")
+    p.add_argument("--document", metavar="FILE", help=f"{document} (default: GNU Coding Standards)")
+    p.add_argument("--resume", action="store_true",
+                   help=f"continue an interrupted run into --out: keep the {parts} its {results} already holds "
+                        "with the same settings and run only the rest")
 
 
 def _add_generation_args(p: argparse.ArgumentParser) -> None:
@@ -618,7 +627,6 @@ def build_parser() -> argparse.ArgumentParser:
                        description=__import__("pyselfextend.evaluate", fromlist=["x"]).__doc__.split("\n", 1)[1].strip(),
                        formatter_class=argparse.RawDescriptionHelpFormatter)
     _add_model_args(p)
-    p.add_argument("--out", default="docs", metavar="DIR", help="where results.md, results.json and the plot go")
     p.add_argument("--lengths", type=parse_size_list, default=[12288, 16384, 20480], metavar="LIST",
                    help="passkey lengths for SelfExtend (default 12k,16k,20k: the whole run fits in two hours on two cores)")
     p.add_argument("--baseline-lengths", type=parse_size_list, default=None, metavar="LIST",
@@ -629,20 +637,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--bucket", type=parse_size, default=2048, metavar="N", help="perplexity bucket (default 2k)")
     p.add_argument("--bench-depths", type=_depth_list, default=[0, 4096, 8192, 16384], metavar="LIST",
                    help="bench depths (default 0,4k,8k,16k)")
-    p.add_argument("--document", metavar="FILE", help="perplexity document (default: GNU Coding Standards)")
     p.add_argument("--methods", default=",".join(METHODS), metavar="LIST",
                    help=f"methods to compare, of {', '.join(METHODS)} (default: all)")
     p.add_argument("--no-bench", action="store_true", help="skip the speed/memory benchmark")
-    p.add_argument("--resume", action="store_true",
-                   help="continue an interrupted run into --out: keep the steps its results.json already holds "
-                        "with the same settings and run only the rest")
+    _add_results_args(p, "results.md, results.json and the plot", "perplexity document", "steps", "results.json")
     p.set_defaults(func=cmd_evaluate)
 
     p = sub.add_parser("sweep", help="retrieval and perplexity over a grid of G and W, and its results page",
                        description=__import__("pyselfextend.sweep", fromlist=["x"]).__doc__.split("\n", 1)[1].strip(),
                        formatter_class=argparse.RawDescriptionHelpFormatter)
     _add_model_args(p)
-    p.add_argument("--out", default="docs", metavar="DIR", help="where sweep.md, sweep.json and sweep.png go")
     p.add_argument("--lengths", type=parse_size_list, default=[12288, 16384, 24576], metavar="LIST",
                    help="lengths to ask at (default 12k,16k,24k)")
     p.add_argument("--groups", type=_group_list, default=[2, 3, 4, 6, 8],
@@ -653,9 +657,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="layouts (facts, places, numbers) to read, each from its own seed (default 1)")
     p.add_argument("--no-references", action="store_true",
                    help="SelfExtend only: skip ordinary attention, YaRN and llama.cpp's group attention")
-    p.add_argument("--document", metavar="FILE", help="the document (default: GNU Coding Standards)")
-    p.add_argument("--resume", action="store_true",
-                   help="continue an interrupted run into --out: keep the readings its sweep.json holds")
+    _add_results_args(p, "sweep.md, sweep.json and sweep.png", "the document", "readings", "sweep.json")
     p.set_defaults(func=cmd_sweep)
 
     p = sub.add_parser("bench", help="prefill/decode speed and peak memory against llama.cpp, in one run",

@@ -206,7 +206,8 @@ def _flags(name: str) -> str:
     return METHODS[name].flags if name in METHODS else ""
 
 
-def _size(n: int) -> str:
+def size_label(n: int) -> str:
+    """16384 -> '16k' (a multiple of 1024), else the number."""
     return f"{n // 1024}k" if n % 1024 == 0 and n else str(n)
 
 
@@ -245,7 +246,7 @@ def _passkey_section(r: Dict[str, object], L: int, threads: str) -> List[str]:
         f"{name} {min(t['seconds'] for t in ts):.0f}-{max(t['seconds'] for t in ts):.0f} s"
         for name, ts in passkey.items()) + ".", "", "The same runs one method at a time:", "", "```"]
     for name, trials in passkey.items():
-        lengths = ",".join(_size(n) for n in sorted({int(t["target_length"]) for t in trials}))
+        lengths = ",".join(size_label(n) for n in sorted({int(t["target_length"]) for t in trials}))
         lines.append(f"pyselfextend passkey --lengths {lengths} --depths {','.join(f'{d:g}' for d in depths)} "
                      f"--seed 0{_flags(name)}{threads}")
     return lines + ["```", ""]
@@ -318,11 +319,11 @@ def _perplexity_section(r: Dict[str, object], L: int, threads: str) -> List[str]
         for n, c in compared:
             lines.append(f"- {n}: {c['inside_min']:.2f}x-{c['inside_max']:.2f}x within the trained context; "
                          "past it, bucket by bucket, " + ", ".join(f"{x:.2g}x" for x in c["past"]) + ".")
-    ctx = _size(n_tokens) if n_tokens in (16384, 8192, 32768) else str(n_tokens)
+    ctx = size_label(n_tokens) if n_tokens in (16384, 8192, 32768) else str(n_tokens)
     lines += ["", "The same runs one method at a time (`--plot out.png` draws the curve):", "", "```"]
     for n in names:
         lines.append(f"pyselfextend perplexity -f {r.get('document_path', 'DOCUMENT')} --ctx {ctx} "
-                     f"--bucket {_size(ppl[n]['buckets'][0]['n'])}{_flags(n)}{threads}")
+                     f"--bucket {size_label(ppl[n]['buckets'][0]['n'])}{_flags(n)}{threads}")
     return lines + ["```", ""]
 
 
@@ -352,7 +353,7 @@ def _bench_section(r: Dict[str, object], threads: str) -> List[str]:
     lines += ["", "Peak resident memory (RSS): " + ", ".join(
         f"{k} {v['peak_rss_bytes'] / 2**20:.0f} MiB" for k, v in engines.items()) + ".", "",
         "The same run alone:", "", "```",
-        f"pyselfextend bench --depths {','.join(_size(int(d)) if int(d) else '0' for d in depths)} "
+        f"pyselfextend bench --depths {','.join(size_label(int(d)) if int(d) else '0' for d in depths)} "
         f"--repetitions {b['repetitions']}{threads}", "```", ""]
     return lines
 

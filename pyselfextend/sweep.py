@@ -31,6 +31,8 @@ from typing import Callable, Dict, List, Mapping, Optional, Sequence, Tuple
 
 import numpy as np
 
+from .evaluate import size_label
+
 # (statement, question): the statement is planted with its number, the question ends just before it.
 FACTS: Tuple[Tuple[str, str], ...] = (
     ("the spare key to the print room is kept in locker {key}",
@@ -136,6 +138,13 @@ def build_layout(llm, document: str, lengths: Sequence[int], seed: int = 0, spac
     stretches between consecutive lengths, so that each length asks about facts at every depth)
     and returns the token ids up to the longest length. The facts, their order and their numbers
     come from ``seed``."""
+    return build_layouts(llm, document, lengths, [seed], spacing)[0]
+
+
+def build_layouts(llm, document: str, lengths: Sequence[int], seeds: Sequence[int],
+                  spacing: int = FACT_SPACING) -> List[Layout]:
+    """``build_layout`` for each of ``seeds``, tokenizing the document and finding its sentence
+    ends once."""
     lengths = sorted(set(int(n) for n in lengths))
     # room for the longest question and answer, in this model's tokens
     allowance = max(len(q) + max(len(a), ANSWER_TOKENS)
@@ -143,12 +152,17 @@ def build_layout(llm, document: str, lengths: Sequence[int], seed: int = 0, spac
     allowance = -(-allowance // 16) * 16
     if not lengths or lengths[0] <= 2 * allowance:
         raise ValueError(f"lengths must be above {2 * allowance} tokens, got {lengths}")
-    rng = random.Random(seed)
     doc_ids = llm.tokenize(document, add_special=False)
     bos = llm.tokenize("", add_special=True)
     ends = sentence_ends(llm, doc_ids)
     if not ends:
         raise ValueError("the document has no sentence end followed by a space or newline to plant a fact at")
+    return [_plant(llm, doc_ids, bos, ends, lengths, seed, spacing, allowance) for seed in seeds]
+
+
+def _plant(llm, doc_ids: List[int], bos: List[int], ends: List[int], lengths: List[int], seed: int, spacing: int,
+           allowance: int) -> Layout:
+    rng = random.Random(seed)
     # Target positions in the finished text, per stretch between lengths.
     targets, lo = [], len(bos)
     for n in lengths:
@@ -302,7 +316,7 @@ def sweep_settings(n_ctx_train: int, lengths: Sequence[int], groups: Sequence[in
                 settings.append(Setting(f"G={g} W={w}", "SelfExtend", {"group_size": g, "window": w}, tuple(reach),
                                         g, w))
     if references:  # ordinary attention last: it has long collapsed at these lengths
-        settings += [Setting(f"YaRN {_size(n)}", "YaRN", {"rope_scaling": "yarn"}, (n,)) for n in lengths]
+        settings += [Setting(f"YaRN {size_label(n)}", "YaRN", {"rope_scaling": "yarn"}, (n,)) for n in lengths]
         for n in (2, 4, 8):
             reach = tuple(m for m in lengths if m <= n * (L - n_batch) + n_batch)
             if reach:
@@ -310,10 +324,6 @@ def sweep_settings(n_ctx_train: int, lengths: Sequence[int], groups: Sequence[in
                                         {"grp_attn_n": n}, reach))
         settings.append(Setting("ordinary", "ordinary", {"selfextend": False}, tuple(lengths)))
     return settings
-
-
-def _size(n: int) -> str:
-    return f"{n // 1024}k" if n % 1024 == 0 and n else str(n)
 
 
 def run_sweep(model: str, out: Path, *, lengths: Sequence[int], groups: Sequence[int],
@@ -347,7 +357,7 @@ def run_sweep(model: str, out: Path, *, lengths: Sequence[int], groups: Sequence
     digest = hashlib.sha256(text.encode("utf-8")).hexdigest()
     # The layouts need only the tokenizer: a small ordinary-attention model gives it.
     tokenizer = open_method(path, 512, threads, selfextend=False)
-    layouts = [build_layout(tokenizer, text, lengths, seed, spacing) for seed in range(replicates)]
+    layouts = build_layouts(tokenizer, text, lengths, range(replicates), spacing)
     del tokenizer
     for layout in layouts:
         layout.check_batches(n_batch)
@@ -406,7 +416,7 @@ def run_sweep(model: str, out: Path, *, lengths: Sequence[int], groups: Sequence
         found = sum(t["ok"] for t in got["trials"])
         log(f"sweep: {setting.label}: found {found}/{len(got['trials'])}, mean log P "
             f"{np.mean([t['key_logprob'] for t in got['trials']]):.2f}, perplexity past L "
-            + ", ".join(f"{_size(int(n))} {p:.2f}" for n, p in ppl.items() if p) + f" ({reading['seconds']:.0f} s)")
+            + ", ".join(f"{size_label(int(n))} {p:.2f}" for n, p in ppl.items() if p) + f" ({reading['seconds']:.0f} s)")
         save()
     save()
     (out / "sweep.md").write_text(render_markdown(report, plot_file=_heat_maps(report, out / "sweep.png")))
@@ -446,27 +456,19 @@ def cells(report: Mapping[str, object]) -> Dict[Tuple[str, int], Cell]:
     return {k: c for k, c in out.items() if c.trials}
 
 
-def _grid_values(report: Mapping[str, object], length: int, value: Callable[[Cell], Optional[float]]):
-    groups, windows = sorted({r["group_size"] for r in report["readings"] if r["family"] == "SelfExtend"}), \
-        sorted({r["window"] for r in report["readings"] if r["family"] == "SelfExtend"})
-    by = cells(report)
-    labels = {(r["group_size"], r["window"]): r["label"] for r in report["readings"] if r["family"] == "SelfExtend"}
-    return groups, windows, {(g, w): value(by[(labels[(g, w)], length)]) for (g, w) in labels
-                             if (labels[(g, w)], length) in by}
-
-
-def _window_columns(windows: Sequence[int]) -> List[int]:
-    """The window sizes as asked (W rounded to a multiple of G differs a little per row): the
-    largest of each cluster within 8 tokens."""
-    cols: List[int] = []
-    for w in sorted(windows, reverse=True):
-        if not cols or cols[-1] - w >= 8:
-            cols.append(w)
-    return sorted(cols)
-
-
-def _column(w: int, cols: Sequence[int]) -> int:
-    return min(cols, key=lambda c: abs(c - w))
+def _grid_values(report: Mapping[str, object], by: Mapping[Tuple[str, int], Cell], length: int,
+                 value: Callable[[Cell], object]):
+    """The grid's G (rows) and W as asked (columns), and value(cell) by (G, W) at ``length``. A
+    reading's W is the asked one rounded down to a multiple of G."""
+    groups = [int(g) for g in report["grid"]["groups"] if int(g) > 1]
+    windows = [int(w) for w in report["grid"]["windows"]]
+    values = {}
+    for r in report["readings"]:
+        g, key = int(r["group_size"]), (r["label"], length)
+        if r["family"] == "SelfExtend" and key in by:
+            asked = next(w for w in windows if w - w % g == int(r["window"]))
+            values[(g, asked)] = value(by[key])
+    return groups, windows, values
 
 
 def _heat_maps(report: Mapping[str, object], path: Path) -> Optional[str]:
@@ -484,14 +486,14 @@ def _heat_maps(report: Mapping[str, object], path: Path) -> Optional[str]:
                ("perplexity past L", lambda c: c.perplexity(), "viridis_r")]
     fig, axes = plt.subplots(len(metrics), len(lengths), figsize=(3.6 * len(lengths), 3.2 * len(metrics)),
                              squeeze=False)
+    by = cells(report)
     for j, n in enumerate(lengths):
         for i, (title, value, cmap) in enumerate(metrics):
-            groups, windows, values = _grid_values(report, n, value)
-            cols = _window_columns(windows)
+            groups, cols, values = _grid_values(report, by, n, value)
             grid = np.full((len(groups), len(cols)), np.nan)
             for (g, w), v in values.items():
                 if v is not None:
-                    grid[groups.index(g), cols.index(_column(w, cols))] = v
+                    grid[groups.index(g), cols.index(w)] = v
             ax = axes[i][j]
             ax.imshow(grid, cmap=cmap, aspect="auto")
             for (a, b), v in np.ndenumerate(grid):
@@ -502,7 +504,7 @@ def _heat_maps(report: Mapping[str, object], path: Path) -> Optional[str]:
             ax.set_yticks(range(len(groups)), [str(g) for g in groups])
             ax.set_xlabel("W")
             ax.set_ylabel("G")
-            ax.set_title(f"{_size(n)}: {title}", fontsize=9)
+            ax.set_title(f"{size_label(n)}: {title}", fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -597,10 +599,10 @@ def _rules_section(report: Mapping[str, object]) -> List[str]:
     lengths = sorted(default)
     lines = ["## Rules for choosing G and W", "",
              "Each rule picks one cell per length. The difference from the default (`plan_context`: "
-             + ", ".join(f"{default[n]} at {_size(n)}" for n in lengths)
+             + ", ".join(f"{default[n]} at {size_label(n)}" for n in lengths)
              + ") is taken question by question, since every setting answered the same prompts; its 95% "
              "interval (Student's t) says whether the rule is really better (above 0) or worse.", "",
-             "| rule | " + " | ".join(_size(n) for n in lengths) + " | mean log P | found | minus the default "
+             "| rule | " + " | ".join(size_label(n) for n in lengths) + " | mean log P | found | minus the default "
              "(95% interval, facts) |", "| --- |" + " --- |" * (len(lengths) + 3)]
     for name, picked in rules.items():
         trials = [t for n, label in picked.items() for t in by[(label, n)].trials]
@@ -648,7 +650,7 @@ def render_markdown(report: Mapping[str, object], plot_file: Optional[str] = Non
              f"document once; at each length n it stops {allowance} tokens short of n and asks about every fact "
              "planted so far, one question at a time (the question is appended to the cached document and "
              "dropped after the answer). So every setting answers the very same prompts at a given length: "
-             + ", ".join(f"{per_length[n]} question{'s' * (per_length[n] != 1)} at {_size(n)}" for n in lengths)
+             + ", ".join(f"{per_length[n]} question{'s' * (per_length[n] != 1)} at {size_label(n)}" for n in lengths)
              + (f", for each of {n_layouts} layouts (facts, places and numbers drawn from seeds 0-{n_layouts - 1})"
                 if n_layouts > 1 else "") + ".", "",
              "Each cell gives: the mean log-probability (nats) of the answer's tokens right after the question "
@@ -667,7 +669,7 @@ def render_markdown(report: Mapping[str, object], plot_file: Optional[str] = Non
             continue
         b = by[(best[n], n)]
         mean, lo, hi = b.logprob()
-        text = f"- {_size(n)}: best {best[n]}, log P {mean:.2f} ({lo:.2f} to {hi:.2f}), found {b.found}/{len(b.trials)}"
+        text = f"- {size_label(n)}: best {best[n]}, log P {mean:.2f} ({lo:.2f} to {hi:.2f}), found {b.found}/{len(b.trials)}"
         if default.get(n) == best[n]:
             text += " (the default)"
         elif n in default:
@@ -687,17 +689,16 @@ def render_markdown(report: Mapping[str, object], plot_file: Optional[str] = Non
         lines += _rules_section(report)
 
     for n in lengths:
-        groups, windows, values = _grid_values(report, n, lambda c: c)
-        lines += [f"## {_size(n)} tokens", ""]
+        groups, cols, values = _grid_values(report, by, n, lambda c: c)
+        lines += [f"## {size_label(n)} tokens", ""]
         if values:
-            cols = _window_columns(windows)
             lines += ["SelfExtend, G down, W across: mean log P (95% interval); found; perplexity past L.", "",
                       "| G \\ W | " + " | ".join(str(c) for c in cols) + " |", "| --- |" + " --- |" * len(cols)]
             for g in groups:
                 row = ["out of reach" for _ in cols]
                 for (gg, w), cell in values.items():
-                    if gg == g and cell is not None:
-                        row[cols.index(_column(w, cols))] = _cell_text(cell)
+                    if gg == g:
+                        row[cols.index(w)] = _cell_text(cell)
                 lines.append(f"| {g} | " + " | ".join(row) + " |")
         else:
             lines.append("No SelfExtend setting of the grid reaches this length.")

@@ -25,17 +25,22 @@ def test_group_attention_divides_only_past_batches(tiny_model):
         _engine.Reference(path, 256, 64, 1, True, 5)
 
 
+def _read_through(tiny_model, seed: int):
+    """A tiny model, random tokens, and group attention's logits for tokens 192-320 (batches of 64)
+    of one reading that never went back."""
+    path = str(tiny_model())
+    ids = np.random.default_rng(seed).integers(3, 320, size=400).tolist()
+    fresh = _engine.Reference(path, 512, 64, 1, True, 4)
+    fresh.eval(ids[:192], False)
+    return path, ids, fresh.eval(ids[192:320], True)
+
+
 def test_group_attention_goes_back_to_before_a_question(tiny_model):
     # A text read in whole batches, then its rest and a question in one short batch, which makes
     # group attention divide the positions of the text's last whole batch: going back to the end of
     # that batch and reading on gives the logits of a reading that never asked, bit for bit (the
     # division only came early).
-    path = str(tiny_model())
-    ids = np.random.default_rng(3).integers(3, 320, size=400).tolist()
-    fresh = _engine.Reference(path, 512, 64, 1, True, 4)
-    fresh.eval(ids[:192], False)
-    want = fresh.eval(ids[192:320], True)
-
+    path, ids, want = _read_through(tiny_model, seed=3)
     asked = _engine.Reference(path, 512, 64, 1, True, 4)
     asked.eval(ids[:192], False)
     asked.eval(ids[192:220] + ids[350:370], False)  # the rest of the text and a question: a short batch
@@ -52,12 +57,7 @@ def test_group_attention_goes_back_to_before_a_question(tiny_model):
 def test_group_attention_goes_back_to_the_end_of_a_batch_still_to_be_divided(tiny_model):
     # A single token after a full batch divides nothing (only prompt batches do); going back to the
     # end of that batch leaves it due to be divided by the next one, as if never left.
-    path = str(tiny_model())
-    ids = np.random.default_rng(4).integers(3, 320, size=400).tolist()
-    fresh = _engine.Reference(path, 512, 64, 1, True, 4)
-    fresh.eval(ids[:192], False)
-    want = fresh.eval(ids[192:320], True)
-
+    path, ids, want = _read_through(tiny_model, seed=4)
     asked = _engine.Reference(path, 512, 64, 1, True, 4)
     asked.eval(ids[:192], False)
     asked.eval([7], False)
