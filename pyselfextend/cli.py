@@ -9,7 +9,7 @@ import sys
 from typing import List, Optional
 
 from . import models
-from .methods import METHODS
+from .methods import METHODS, methods_named
 
 DESCRIPTION = """\
 Run quantized GGUF llama-family models on the CPU, past their trained context.
@@ -142,6 +142,16 @@ _port = _int_in(0, 65535, "a port number")
 def _group_list(text: str) -> List[int]:
     """'2,3,4' -> [2, 3, 4]: group sizes, each an integer >= 2."""
     return [_int_in(2, None, "a group size")(t.strip()) for t in str(text).split(",")]
+
+
+def _listed(parse):
+    """An argparse type from a parser of comma-separated names that raises ValueError."""
+    def parse_arg(text: str):
+        try:
+            return parse(text)
+        except ValueError as e:
+            raise argparse.ArgumentTypeError(str(e)) from None
+    return parse_arg
 
 
 def _add_model_args(p: argparse.ArgumentParser) -> None:
@@ -470,9 +480,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     from pathlib import Path
 
     from .evaluate import run_evaluation
-    from .methods import methods_named
 
-    methods = methods_named(args.methods)
     lengths = args.lengths
     if args.baseline_lengths:
         baseline_lengths = args.baseline_lengths
@@ -480,7 +488,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         baseline_lengths = list(itertools.takewhile(lambda n: n <= 16384, lengths)) or lengths[:1]
     run_evaluation(args.model, Path(args.out), lengths, args.depths, args.ppl_ctx,
                    args.bucket, args.bench_depths, args.threads, Path(args.document) if args.document else None,
-                   methods, bench=not args.no_bench, baseline_lengths=baseline_lengths, resume=args.resume)
+                   args.methods, bench=not args.no_bench, baseline_lengths=baseline_lengths, resume=args.resume)
     print(f"results written to {args.out}/results.md", file=sys.stderr)
     return 0
 
@@ -492,7 +500,7 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     from .sweep import run_sweep
 
     run_sweep(args.model, Path(args.out), lengths=args.lengths, groups=args.groups, windows=args.windows,
-              references=not args.no_references, replicates=args.replicates, threads=args.threads,
+              references=args.references, replicates=args.replicates, spacing=args.spacing, threads=args.threads,
               document=Path(args.document) if args.document else None, resume=args.resume, verbose=args.verbose,
               log=log_line)
     print(f"results written to {args.out}/sweep.md", file=sys.stderr)
@@ -637,14 +645,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--bucket", type=parse_size, default=2048, metavar="N", help="perplexity bucket (default 2k)")
     p.add_argument("--bench-depths", type=_depth_list, default=[0, 4096, 8192, 16384], metavar="LIST",
                    help="bench depths (default 0,4k,8k,16k)")
-    p.add_argument("--methods", default=",".join(METHODS), metavar="LIST",
+    p.add_argument("--methods", type=_listed(methods_named), default=",".join(METHODS), metavar="LIST",
                    help=f"methods to compare, of {', '.join(METHODS)} (default: all)")
     p.add_argument("--no-bench", action="store_true", help="skip the speed/memory benchmark")
     _add_results_args(p, "results.md, results.json and the plot", "perplexity document", "steps", "results.json")
     p.set_defaults(func=cmd_evaluate)
 
+    from . import sweep
+
     p = sub.add_parser("sweep", help="retrieval and perplexity over a grid of G and W, and its results page",
-                       description=__import__("pyselfextend.sweep", fromlist=["x"]).__doc__.split("\n", 1)[1].strip(),
+                       description=sweep.__doc__.split("\n", 1)[1].strip(),
                        formatter_class=argparse.RawDescriptionHelpFormatter)
     _add_model_args(p)
     p.add_argument("--lengths", type=parse_size_list, default=[12288, 16384, 24576], metavar="LIST",
@@ -655,8 +665,12 @@ def build_parser() -> argparse.ArgumentParser:
                    help="neighbor windows W (default L/8, L/4, L/2 of the model's trained context L)")
     p.add_argument("--replicates", type=_positive_int, default=1, metavar="N",
                    help="layouts (facts, places, numbers) to read, each from its own seed (default 1)")
-    p.add_argument("--no-references", action="store_true",
-                   help="SelfExtend only: skip ordinary attention, YaRN and llama.cpp's group attention")
+    p.add_argument("--references", type=_listed(sweep.references_named), default=sweep.REFERENCES, metavar="LIST",
+                   help=f"reference methods read beside SelfExtend, of {', '.join(sweep.REFERENCES)}, or none "
+                        "(default: all)")
+    p.add_argument("--spacing", type=parse_size, default=sweep.FACT_SPACING, metavar="N",
+                   help=f"about one fact per N tokens (default {sweep.FACT_SPACING}); there are "
+                        f"{len(sweep.FACTS)} facts, so longer lengths need a larger spacing")
     _add_results_args(p, "sweep.md, sweep.json and sweep.png", "the document", "readings", "sweep.json")
     p.set_defaults(func=cmd_sweep)
 

@@ -72,6 +72,7 @@ STATEMENT = " (Added to this copy: {fact}.)"
 QUESTION = "\n\nQuestion: {question}"
 ANSWER_TOKENS = 8  # greedy answer length: a 5-digit number and a little more
 FACT_SPACING = 2048  # about one fact per this many tokens
+REFERENCES = ("YaRN", "llama.cpp grp-attn", "ordinary")  #: the reference families a sweep can read
 
 
 @dataclass(frozen=True)
@@ -171,7 +172,8 @@ def _plant(llm, doc_ids: List[int], bos: List[int], ends: List[int], lengths: Li
         targets += [lo + (i + rng.uniform(0.15, 0.85)) * (hi - lo) / k for i in range(k)]
         lo = hi
     if len(targets) > len(FACTS):
-        raise ValueError(f"lengths up to {lengths[-1]} need {len(targets)} facts; there are {len(FACTS)}")
+        raise ValueError(f"lengths up to {lengths[-1]} need {len(targets)} facts, one per {spacing} tokens; there are "
+                         f"{len(FACTS)}: plant them farther apart (a larger spacing)")
     order = rng.sample(range(len(FACTS)), len(targets))
     keys = rng.sample(range(10000, 100000), len(targets))
     ids, facts, used = list(bos), [], 0
@@ -291,12 +293,24 @@ class Setting:
     window: int = 0
 
 
+def references_named(names: str) -> Tuple[str, ...]:
+    """The reference families of a comma-separated list (``"ordinary,YaRN"``); ``"none"`` is none."""
+    if names.strip() == "none":
+        return ()
+    chosen = tuple(n.strip() for n in names.split(","))
+    unknown = [n for n in chosen if n not in REFERENCES]
+    if unknown:
+        raise ValueError(f"unknown reference {unknown[0]!r}; choose from {', '.join(REFERENCES)} (or none)")
+    return chosen
+
+
 def sweep_settings(n_ctx_train: int, lengths: Sequence[int], groups: Sequence[int], windows: Sequence[int],
-                   references: bool = True, n_batch: int = 512) -> List[Setting]:
+                   references: Sequence[str] = REFERENCES, n_batch: int = 512) -> List[Setting]:
     """Every (G, W) of the grid at the lengths it reaches (W rounded down to a multiple of G, as
-    ``plan_context`` does), then the references: ordinary attention, YaRN (its factor set by each
-    length), llama.cpp's group attention with n = 2, 4, 8 at the lengths it reaches: all but the
-    last batch divided by n, so n * (L - n_batch) + n_batch tokens."""
+    ``plan_context`` does), then the ``references`` (families of ``REFERENCES``): YaRN (its factor
+    set by each length), llama.cpp's group attention with n = 2, 4, 8 at the lengths it reaches
+    (all but the last batch divided by n, so n * (L - n_batch) + n_batch tokens), ordinary
+    attention."""
     from .context import plan_context
 
     L = n_ctx_train
@@ -315,20 +329,22 @@ def sweep_settings(n_ctx_train: int, lengths: Sequence[int], groups: Sequence[in
             if reach and g > 1:
                 settings.append(Setting(f"G={g} W={w}", "SelfExtend", {"group_size": g, "window": w}, tuple(reach),
                                         g, w))
-    if references:  # ordinary attention last: it has long collapsed at these lengths
+    if "YaRN" in references:
         settings += [Setting(f"YaRN {size_label(n)}", "YaRN", {"rope_scaling": "yarn"}, (n,)) for n in lengths]
+    if "llama.cpp grp-attn" in references:
         for n in (2, 4, 8):
             reach = tuple(m for m in lengths if m <= n * (L - n_batch) + n_batch)
             if reach:
                 settings.append(Setting(f"llama.cpp grp-attn-n {n}", "llama.cpp grp-attn",
                                         {"grp_attn_n": n}, reach))
+    if "ordinary" in references:  # last: it has long collapsed at these lengths
         settings.append(Setting("ordinary", "ordinary", {"selfextend": False}, tuple(lengths)))
     return settings
 
 
 def run_sweep(model: str, out: Path, *, lengths: Sequence[int], groups: Sequence[int],
               windows: Optional[Sequence[int]] = None,
-              references: bool = True, replicates: int = 1, threads: Optional[int] = None,
+              references: Sequence[str] = REFERENCES, replicates: int = 1, threads: Optional[int] = None,
               document: Optional[Path] = None, resume: bool = False, spacing: int = FACT_SPACING, n_batch: int = 512,
               verbose: bool = False, log: Callable[[str], None] = lambda msg: None) -> Dict[str, object]:
     """Runs every setting on ``replicates`` layouts (seeds 0, 1, ...), writing ``out``/sweep.json
@@ -614,6 +630,36 @@ def _rules_section(report: Mapping[str, object]) -> List[str]:
     return lines + [""]
 
 
+def _questions_section(report: Mapping[str, object], most: int = 4) -> List[str]:
+    """Every question with each setting's score and answer, for a sweep of at most ``most``
+    settings (a bigger one keeps them in sweep.json): how retrieval goes with the fact's depth."""
+    labels = list(dict.fromkeys(r["label"] for r in report["readings"]))
+    if len(labels) > most:
+        return []
+    allowance = int(report["layouts"][0]["allowance"])
+    answers: Dict[Tuple[int, int, int, int], Dict[str, Mapping[str, object]]] = {}
+    for r in report["readings"]:
+        for t in r["trials"]:
+            answers.setdefault((int(t["length"]), int(r["seed"]), int(t["position"]), int(t["fact"])), {})[
+                r["label"]] = t
+    lines = ["## Question by question", "",
+             "Depth is where the fact sits in the text before the question (0 its start, 1 its end); each setting's "
+             "log P of the answer, and its greedy answer when it missed.", "",
+             "| length | layout | depth | answer | " + " | ".join(labels) + " |", "| --- |" + " --- |" * (3 + len(labels))]
+    for (n, seed, position, _), by_label in sorted(answers.items()):
+        key = next(iter(by_label.values()))["key"]
+        row = [size_label(n), str(seed), f"{position / (n - allowance):.2f}", str(key)]
+        for label in labels:
+            t = by_label.get(label)
+            if t is None:
+                row.append("")
+            else:
+                said = " ".join(str(t["answer"]).split()).replace("|", "/").replace("`", "'")
+                row.append(f"{float(t['key_logprob']):.2f} " + ("found" if t["ok"] else f"missed: `{said}`"))
+        lines.append("| " + " | ".join(row) + " |")
+    return lines + [""]
+
+
 def _cell_text(cell: Cell) -> str:
     mean, lo, hi = cell.logprob()
     ppl = cell.perplexity()
@@ -721,6 +767,7 @@ def render_markdown(report: Mapping[str, object], plot_file: Optional[str] = Non
                     row += f" {d[0]:+.2f} ({d[1]:+.2f} to {d[2]:+.2f}) |" if d else " |"
                 lines.append(row)
         lines.append("")
+    lines += _questions_section(report)
     families = sorted({r["family"] for r in report["readings"]})
     lines += ["Methods:", "", "- SelfExtend: this project, with the G and W of its row and column (W rounded down to a "
               "multiple of G, as `plan_context` does)."]

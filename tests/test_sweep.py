@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from pyselfextend.baselines import LlamaCppGroupAttention
-from pyselfextend.sweep import build_layout, question_ids, read_and_ask, sweep_settings
+from pyselfextend.sweep import build_layout, question_ids, read_and_ask, references_named, sweep_settings
 
 
 def _prose(n_sentences: int, seed: int = 0) -> str:
@@ -129,7 +129,11 @@ def test_the_grid_keeps_the_settings_that_reach_each_length():
     assert refs["YaRN 12k"] == (12288,) and refs["YaRN 24k"] == (24576,)
     # all but the last batch divided by n: 2 * (8192 - 512) + 512 = 15872 tokens, short of 16k
     assert refs["llama.cpp grp-attn-n 2"] == (12288,) and refs["llama.cpp grp-attn-n 8"] == (12288, 16384, 24576)
-    assert not any(s.family != "SelfExtend" for s in sweep_settings(8192, [12288], [4], [2048], references=False))
+    assert not any(s.family != "SelfExtend" for s in sweep_settings(8192, [12288], [4], [2048], references=()))
+    only = sweep_settings(8192, [12288, 16384], [4], [2048], references=references_named("ordinary"))
+    assert [s.label for s in only] == ["G=4 W=2048", "ordinary"]
+    with pytest.raises(ValueError, match="unknown reference 'yarn'"):
+        references_named("ordinary,yarn")
 
 
 def test_the_sweep_command_writes_its_page_and_resumes(tiny_model, tmp_path):
@@ -172,6 +176,15 @@ def test_the_sweep_command_writes_its_page_and_resumes(tiny_model, tmp_path):
     assert facts == len(by[("G=4 W=64", 1024)].trials) >= 8  # one length: each fact asked once per layout
     assert mean == pytest.approx(by[("G=4 W=64", 1024)].logprob()[0] - by[("G=4 W=128", 1024)].logprob()[0])
     assert lo < mean < hi
+    # The page lists every question only for a few settings; each row has every setting's score.
+    from pyselfextend.sweep import _questions_section
+
+    assert "## Question by question" not in page
+    rows = [line for line in _questions_section(report, most=99) if line.startswith(("| 768 |", "| 1k |"))]
+    asked = {(t["length"], r["seed"], t["position"]) for r in report["readings"] for t in r["trials"]}
+    assert len(rows) == len(asked) and all(row.count(" found") + row.count(" missed") == len(
+        [r for r in report["readings"] if r["seed"] == int(row.split(" | ")[1]) and
+         (768 if row.startswith("| 768") else 1024) in r["lengths"]]) for row in rows)
 
     # Interrupted and resumed: what was finished is kept, not read again.
     saved = json.loads((out / "sweep.json").read_text())
@@ -200,6 +213,15 @@ def test_the_sweep_command_line(tiny_model, tmp_path):
                         "--out", str(tmp_path / "o"), "-t", "1"], capture_output=True, text=True, timeout=60)
     # G=2, W=32 reaches (256 - 32) * 2 + 32 = 480 tokens: 400 is fine, but the text is too short
     assert r.returncode != 0 and "too few for length 400" in r.stderr and "Traceback" not in r.stderr
+    # 16 facts, one per 10 tokens of 400: too many
+    r = subprocess.run([sys.executable, "-m", "pyselfextend", "sweep", "-m", str(tiny_model(n_ctx_train=256)),
+                        "--lengths", "400", "--groups", "2", "--windows", "32", "--document", str(doc),
+                        "--spacing", "10", "--references", "none", "--out", str(tmp_path / "o"), "-t", "1"],
+                       capture_output=True, text=True, timeout=60)
+    assert r.returncode != 0 and "one per 10 tokens" in r.stderr and "Traceback" not in r.stderr
+    r = subprocess.run([sys.executable, "-m", "pyselfextend", "sweep", "--references", "ordinary,yarn"],
+                       capture_output=True, text=True, timeout=60)
+    assert r.returncode != 0 and "unknown reference 'yarn'" in r.stderr
 
 
 @pytest.mark.model
