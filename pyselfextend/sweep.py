@@ -435,7 +435,8 @@ def run_sweep(model: str, out: Path, *, lengths: Sequence[int], groups: Sequence
             + ", ".join(f"{size_label(int(n))} {p:.2f}" for n, p in ppl.items() if p) + f" ({reading['seconds']:.0f} s)")
         save()
     save()
-    (out / "sweep.md").write_text(render_markdown(report, plot_file=_heat_maps(report, out / "sweep.png")))
+    plot = _heat_maps(report, out / "sweep.png") if len(_grid_labels(report)) > 1 else None
+    (out / "sweep.md").write_text(render_markdown(report, plot_file=plot))
     return report
 
 
@@ -485,6 +486,11 @@ def _grid_values(report: Mapping[str, object], by: Mapping[Tuple[str, int], Cell
             asked = next(w for w in windows if w - w % g == int(r["window"]))
             values[(g, asked)] = value(by[key])
     return groups, windows, values
+
+
+def _grid_labels(report: Mapping[str, object]) -> List[str]:
+    """The SelfExtend settings the sweep read, in reading order."""
+    return list(dict.fromkeys(r["label"] for r in report["readings"] if r["family"] == "SelfExtend"))
 
 
 def _heat_maps(report: Mapping[str, object], path: Path) -> Optional[str]:
@@ -683,7 +689,11 @@ def render_markdown(report: Mapping[str, object], plot_file: Optional[str] = Non
     allowance = int(report["layouts"][0]["allowance"])
     per_length = {n: next(sum(int(t["length"]) == n for t in r["trials"]) for r in report["readings"]
                           if n in r["lengths"] and r["seed"] == 0) for n in lengths}
-    lines = [f"# Choosing G and W: a sweep on {Path(str(report['model'])).name}", "",
+    grid = _grid_labels(report)
+    others = list(dict.fromkeys(r["label"] for r in report["readings"] if r["family"] != "SelfExtend"))
+    title = ("Choosing G and W" if len(grid) > 1 else
+             f"SelfExtend ({', '.join(grid)}) against {', '.join(others) or 'nothing'}")
+    lines = [f"# {title}: a sweep on {Path(str(report['model'])).name}", "",
              f"Measured on {report['date']} on {report['machine']}, {report.get('threads') or 'all'} threads, "
              f"in {report.get('minutes', '?')} minutes of model time, by one command:", "", "```",
              report.get("command") or "pyselfextend sweep --out docs", "```", "",
@@ -729,10 +739,14 @@ def render_markdown(report: Mapping[str, object], plot_file: Optional[str] = Non
             rm, rlo, rhi = c.logprob()
             text += f"; best reference {label}: {rm:.2f} ({rlo:.2f} to {rhi:.2f}), found {c.found}/{len(c.trials)}"
         lines.append(text + ".")
-    lines += ["", "The best cell of a length is chosen on the very questions it is then scored on, so its lead over "
-              "the default is optimistic; the rules below, fixed before looking, are the fairer comparison.", ""]
-    if default:
-        lines += _rules_section(report)
+    if len(grid) > 1:
+        lines += ["", "The best cell of a length is chosen on the very questions it is then scored on, so its lead "
+                  "over the default is optimistic; the rules below, fixed before looking, are the fairer comparison.",
+                  ""]
+        if default:
+            lines += _rules_section(report)
+    else:
+        lines.append("")
 
     for n in lengths:
         groups, cols, values = _grid_values(report, by, n, lambda c: c)

@@ -219,6 +219,20 @@ def test_the_sweep_command_line(tiny_model, tmp_path):
                         "--spacing", "10", "--references", "none", "--out", str(tmp_path / "o"), "-t", "1"],
                        capture_output=True, text=True, timeout=60)
     assert r.returncode != 0 and "one per 10 tokens" in r.stderr and "Traceback" not in r.stderr
+    # One SelfExtend setting against ordinary attention: a page of the two, question by question
+    doc.write_text(_prose(300))
+    r = subprocess.run([sys.executable, "-m", "pyselfextend", "sweep", "-m", str(tiny_model(n_ctx_train=256)),
+                        "--lengths", "400", "--groups", "2", "--windows", "32", "--document", str(doc),
+                        "--spacing", "100", "--references", "ordinary", "--out", str(tmp_path / "one"), "-t", "1"],
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    page = (tmp_path / "one" / "sweep.md").read_text()
+    assert page.startswith("# SelfExtend (G=2 W=32) against ordinary: a sweep on model.gguf")
+    assert "## Rules" not in page and not (tmp_path / "one" / "sweep.png").exists()
+    questions = page.split("## Question by question")[1]
+    assert "| length | layout | depth | answer | G=2 W=32 | ordinary |" in questions
+    assert questions.count("\n| 400 | 0 | ") == len(json.loads((tmp_path / "one" / "sweep.json").read_text())[
+        "readings"][0]["trials"]) > 0
     r = subprocess.run([sys.executable, "-m", "pyselfextend", "sweep", "--references", "ordinary,yarn"],
                        capture_output=True, text=True, timeout=60)
     assert r.returncode != 0 and "unknown reference 'yarn'" in r.stderr
