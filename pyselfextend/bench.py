@@ -24,6 +24,10 @@ Engines:
 Ratios are pyselfextend (selfextend) / llama.cpp, against the faster llama.cpp engine at each
 depth: above 1 means pyselfextend is faster or, for memory, uses more.
 
+With several cache types (--cache-type f16,q8_0) every engine runs once per type, all taking turns
+in the same run: a table per type, then each later type against the first, engine by engine
+(speed and peak memory), so that a quantized cache is compared with f16 on the same machine state.
+
 Beside tokens/s: the machine's limits, measured after the engines (f32 multiply-add GFLOP/s and
 memory read GB/s with the same threads), attention GFLOP/s (the attention FLOPs of the prefill over its whole
 time: a lower bound on the attention's own speed) and cache GB/s (the K/V bytes a decoding step
@@ -38,7 +42,7 @@ import statistics
 import subprocess
 import sys
 import time
-from typing import Callable, Dict, List, Optional, Sequence
+from typing import Callable, Dict, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 
@@ -56,8 +60,9 @@ class _Worker:
     whichever ran then; each process's peak RSS stays its own.
     """
 
-    def __init__(self, engine: str, path: str, threads: int, cache_type: str, n_ctx: int, n_prompt: int, n_gen: int):
-        self.engine = engine
+    def __init__(self, label: str, engine: str, path: str, threads: int, cache_type: str, n_ctx: int, n_prompt: int,
+                 n_gen: int):
+        self.label, self.engine = label, engine
         cmd = [sys.executable, "-m", "pyselfextend.bench", "--worker", engine, path, str(threads), cache_type,
                str(n_ctx), str(n_prompt), str(n_gen)]
         self._proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, bufsize=1,
@@ -141,30 +146,31 @@ def _serve_worker(engine: str, path: str, threads: int, cache_type: str, n_ctx: 
         answer({"tokens_per_second": rate})
 
 
-def _measure(engines: List[str], path: str, threads: int, cache_type: str, depths: List[int], n_prompt: int,
+def _measure(engines: List[Tuple[str, str, str]], path: str, threads: int, depths: List[int], n_prompt: int,
              n_gen: int, reps: int, log: Callable[[str], None]) -> Dict[str, Dict]:
-    """Every engine through every depth, the repetitions interleaved across engines."""
+    """Every engine (label, engine, cache type) through every depth, the repetitions interleaved
+    across engines; results by label."""
     n_ctx = max(depths) + max(n_prompt, n_gen) + 16
     workers: List[_Worker] = []
     try:
-        for e in engines:  # one at a time: loading is heavy
-            workers.append(_Worker(e, path, threads, cache_type, n_ctx, n_prompt, n_gen))
-        out = {w.engine: {"engine": w.engine, **w.info, "depths": {}} for w in workers}
+        for label, e, cache_type in engines:  # one at a time: loading is heavy
+            workers.append(_Worker(label, e, path, threads, cache_type, n_ctx, n_prompt, n_gen))
+        out = {w.label: {"engine": w.engine, **w.info, "depths": {}} for w in workers}
         for depth in depths:
             for w in workers:
-                out[w.engine]["depths"][str(depth)] = {"prefill": [], "decode": [],
-                                                       "fill_seconds": w.ask("fill", depth)["seconds"]}
+                out[w.label]["depths"][str(depth)] = {"prefill": [], "decode": [],
+                                                      "fill_seconds": w.ask("fill", depth)["seconds"]}
             for rep in range(reps):
                 order = workers[rep % len(workers):] + workers[:rep % len(workers)]  # no engine always first
                 for kind in ("prefill", "decode"):
                     for w in order:
-                        out[w.engine]["depths"][str(depth)][kind].append(w.ask(kind, depth)["tokens_per_second"])
+                        out[w.label]["depths"][str(depth)][kind].append(w.ask(kind, depth)["tokens_per_second"])
             for w in workers:
-                m = out[w.engine]["depths"][str(depth)]
-                log(f"  {w.engine}: depth {depth}: prefill {statistics.median(m['prefill']):.1f} t/s, decode "
+                m = out[w.label]["depths"][str(depth)]
+                log(f"  {w.label}: depth {depth}: prefill {statistics.median(m['prefill']):.1f} t/s, decode "
                     f"{statistics.median(m['decode']):.1f} t/s")
         for w in workers:
-            out[w.engine]["peak_rss_bytes"] = w.ask("done")["peak_rss_bytes"]
+            out[w.label]["peak_rss_bytes"] = w.ask("done")["peak_rss_bytes"]
         return out
     finally:
         for w in workers:
@@ -209,15 +215,19 @@ def cache_bytes_read(shape: Dict[str, int], cache_type: str, depth: int, n_gen: 
     return per_token * (depth + (n_gen + 1) / 2)
 
 
-def run_bench(model: Optional[str] = None, *, threads: Optional[int] = None, cache_type: str = "f16",
-              depths: Sequence[int] = (0,), n_prompt: int = 512, n_gen: int = 128, repetitions: int = 3,
-              engines: Optional[Sequence[str]] = None, llama_bench: Optional[str] = None,
-              log: Callable[[str], None] = log_line) -> Dict[str, object]:
-    """Measures the engines (default: all that run ``cache_type``) on ``model`` (a GGUF file or
+def run_bench(model: Optional[str] = None, *, threads: Optional[int] = None,
+              cache_type: Union[str, Sequence[str]] = "f16", depths: Sequence[int] = (0,), n_prompt: int = 512,
+              n_gen: int = 128, repetitions: int = 3, engines: Optional[Sequence[str]] = None,
+              llama_bench: Optional[str] = None, log: Callable[[str], None] = log_line) -> Dict[str, object]:
+    """Measures the engines (default: all that run the cache type) on ``model`` (a GGUF file or
     catalogue name; default: the default model) and returns the report that ``--json`` prints:
     per engine and depth the median tokens/s of prefill and decode, attention GFLOP/s, cache GB/s
     and time to read from empty, peak RSS, the machine's roofline, and the ratios against llama.cpp.
-    Progress goes to ``log``."""
+    Progress goes to ``log``.
+
+    With several cache types (``["f16", "q8_0"]``) every engine runs with each, all taking turns
+    in one run; the report then has one such report per type (``by_cache_type``) and each later
+    type's speeds and memory against the first's, engine by engine (``against_first``)."""
     from . import _engine
     from .model import _default_threads
     from .models import resolve_model
@@ -225,32 +235,60 @@ def run_bench(model: Optional[str] = None, *, threads: Optional[int] = None, cac
     path = str(resolve_model(model))
     threads = threads or _default_threads()
     depths = sorted(set(depths))
-    if engines is not None:
-        engines = list(engines)
-    elif not _engine.reference_needs_flash_attn(cache_type):
-        engines = list(ENGINES)
-    else:
-        engines = [e for e in ENGINES if e != "llama.cpp"]
-        log(f"bench: llama.cpp runs a {cache_type} KV cache only with flash attention: engine llama.cpp left out")
-    for e in engines:
+    cache_types = [cache_type] if isinstance(cache_type, str) else list(dict.fromkeys(cache_type))
+    if not cache_types:
+        raise ValueError("no cache type to measure")
+    for e in engines or ():
         if e not in ENGINES:
             raise ValueError(f"unknown engine {e!r}; choose from {', '.join(ENGINES)}")
-    log(f"bench: {path}, {threads} threads, {cache_type} cache, prefill {n_prompt}, decode {n_gen}, "
-        f"depths {depths}, {repetitions} repetitions, engines {', '.join(engines)}")
+    runs: List[Tuple[str, str, str]] = []  # (label, engine, cache type)
+    for ct in cache_types:
+        chosen = list(engines) if engines is not None else list(ENGINES)
+        if engines is None and _engine.reference_needs_flash_attn(ct):
+            chosen.remove("llama.cpp")
+            log(f"bench: llama.cpp runs a {ct} KV cache only with flash attention: engine llama.cpp left out")
+        runs += [(e if len(cache_types) == 1 else f"{e} {ct}", e, ct) for e in chosen]
+    log(f"bench: {path}, {threads} threads, {', '.join(cache_types)} cache, prefill {n_prompt}, decode {n_gen}, "
+        f"depths {depths}, {repetitions} repetitions, engines {', '.join(label for label, _, _ in runs)}")
 
-    results = _measure(engines, path, threads, cache_type, depths, n_prompt, n_gen, repetitions, log)
+    measured = _measure(runs, path, threads, depths, n_prompt, n_gen, repetitions, log)
+    results = {ct: {e: measured[label] for label, e, c in runs if c == ct} for ct in cache_types}
     if llama_bench:
-        shape = next(iter(results.values()))["shape"]
-        flash = [True] if _engine.reference_needs_flash_attn(cache_type) else [True, False]
-        for e, r in _run_llama_bench(llama_bench, path, threads, cache_type, depths, n_prompt, n_gen,
-                                     repetitions, flash, log).items():
-            results[e] = {**r, "shape": shape}
+        for ct in cache_types:
+            shape = next(iter(measured.values()))["shape"]
+            flash = [True] if _engine.reference_needs_flash_attn(ct) else [True, False]
+            for e, r in _run_llama_bench(llama_bench, path, threads, ct, depths, n_prompt, n_gen,
+                                         repetitions, flash, log).items():
+                results[ct][e] = {**r, "shape": shape}
     # The machine's limits last, once nothing else of ours runs: its 512 MiB buffer, touched before
     # the engines' processes were forked, would count in their peak memory.
     roof = _engine.roofline(threads)
     log(f"bench: this machine with {threads} threads: {roof['fma_gflops']:.0f} GFLOP/s f32 multiply-add, "
         f"{roof['read_gb_per_s']:.1f} GB/s memory reads")
+    reports = {ct: _report(results[ct], path=path, threads=threads, cache_type=ct, depths=depths,
+                           n_prompt=n_prompt, n_gen=n_gen, repetitions=repetitions, roof=roof)
+               for ct in cache_types}
+    if len(cache_types) == 1:
+        return reports[cache_types[0]]
+    first = reports[cache_types[0]]["engines"]
+    against: Dict[str, Dict] = {}
+    for ct in cache_types[1:]:
+        for e, r in reports[ct]["engines"].items():
+            if e not in first:
+                continue
+            entry = {"depths": {d: {k: m[k] / first[e]["depths"][d][k] for k in ("prefill", "decode")}
+                                for d, m in r["depths"].items()}}
+            if r["peak_rss_bytes"] and first[e]["peak_rss_bytes"]:
+                entry["peak_rss"] = r["peak_rss_bytes"] / first[e]["peak_rss_bytes"]
+            against.setdefault(ct, {})[e] = entry
+    return {"model": path, "threads": threads, "cache_types": cache_types, "n_prompt": n_prompt, "n_gen": n_gen,
+            "repetitions": repetitions, "date": time.strftime("%Y-%m-%d"), "roofline": roof,
+            "by_cache_type": reports, "against_first": against}
 
+
+def _report(results: Dict[str, Dict], *, path: str, threads: int, cache_type: str, depths: List[int], n_prompt: int,
+            n_gen: int, repetitions: int, roof: Dict[str, float]) -> Dict[str, object]:
+    """One cache type's report: medians, attention GFLOP/s, cache GB/s, read times and ratios."""
     report = {"model": path, "threads": threads, "cache_type": cache_type, "n_prompt": n_prompt, "n_gen": n_gen,
               "repetitions": repetitions, "date": time.strftime("%Y-%m-%d"), "roofline": roof, "engines": {},
               "ratios": {}}
@@ -296,7 +334,18 @@ def run_bench(model: Optional[str] = None, *, threads: Optional[int] = None, cac
 
 
 def format_report(report: Dict[str, object]) -> str:
-    """``run_bench``'s report as the table ``pyselfextend bench`` prints."""
+    """``run_bench``'s report as the table ``pyselfextend bench`` prints; with several cache
+    types, a table per type and then each later type against the first, engine by engine."""
+    if "by_cache_type" in report:
+        types = report["cache_types"]
+        lines = [format_report(report["by_cache_type"][ct]) for ct in types]
+        for ct, engines in report["against_first"].items():
+            lines.append(f"{ct} cache / {types[0]} cache, same run (prefill / decode; peak RSS):")
+            for e, r in engines.items():
+                lines.append(f"  {e:<14} " + ", ".join(f"{d}: {m['prefill']:.2f}x / {m['decode']:.2f}x"
+                                                      for d, m in r["depths"].items())
+                             + (f"; peak RSS {r['peak_rss']:.2f}x" if "peak_rss" in r else ""))
+        return "\n".join(lines)
     roof, threads = report["roofline"], report["threads"]
     engines: Dict[str, Dict] = report["engines"]
     depths = list(next(iter(engines.values()))["depths"])

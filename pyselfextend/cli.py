@@ -433,7 +433,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
     from .bench import format_report, run_bench
 
     engines = None if args.engines is None else [e.strip() for e in args.engines.split(",")]
-    report = run_bench(args.model, threads=args.threads, cache_type=args.cache_type, depths=args.depths,
+    report = run_bench(args.model, threads=args.threads, cache_type=[t.strip() for t in args.cache_type.split(",")],
+                       depths=args.depths,
                        n_prompt=args.n_prompt, n_gen=args.n_gen, repetitions=args.repetitions, engines=engines,
                        llama_bench=args.llama_bench)
     print(json.dumps(report, indent=2) if args.json else format_report(report))
@@ -679,7 +680,9 @@ def build_parser() -> argparse.ArgumentParser:
                                    + __import__("pyselfextend.bench", fromlist=["x"]).__doc__.split("\n", 1)[1].strip(),
                        formatter_class=argparse.RawDescriptionHelpFormatter)
     _add_model_args(p)
-    _add_cache_type_arg(p)
+    p.add_argument("--cache-type", default="f16", metavar="TYPE[,TYPE]",
+                   help="KV cache type: f16 (default), f32 or q8_0; several, comma-separated (f16,q8_0), run every "
+                        "engine with each in the same run and compare them")
     p.add_argument("--n-prompt", type=_positive_int, default=512, metavar="N", help="prefill tokens (default 512)")
     p.add_argument("--n-gen", type=_positive_int, default=128, metavar="N", help="decoded tokens (default 128)")
     p.add_argument("--depths", type=_depth_list, default=[0], metavar="LIST",

@@ -47,6 +47,33 @@ def test_bench_reports_every_engine_and_consistent_ratios(tiny_model):
     assert math.isclose(m["cache_gb_per_s"], 2 * 2 * 1 * 64 * 2 * (300 + 4.5) * m["decode"] / 1e9, rel_tol=1e-9)
 
 
+def test_bench_compares_cache_types_in_one_run(tiny_model):
+    r = _bench(tiny_model(), "--engines", "selfextend,llama.cpp-fa", "--cache-type", "f16,q8_0", "--json")
+    assert r.returncode == 0, r.stderr
+    report = json.loads(r.stdout)
+    assert report["cache_types"] == ["f16", "q8_0"]
+    by = report["by_cache_type"]
+    assert [by[ct]["cache_type"] for ct in ("f16", "q8_0")] == ["f16", "q8_0"]
+    for ct in ("f16", "q8_0"):
+        assert set(by[ct]["engines"]) == {"selfextend", "llama.cpp-fa"}
+        assert math.isclose(by[ct]["ratios"]["300"]["decode_vs_best_llama.cpp"],
+                            by[ct]["engines"]["selfextend"]["depths"]["300"]["decode"]
+                            / by[ct]["engines"]["llama.cpp-fa"]["depths"]["300"]["decode"], rel_tol=1e-12)
+    # cache GB/s from each type's own bytes per value: q8_0 reads 34 bytes per 32 values
+    m = by["q8_0"]["engines"]["selfextend"]["depths"]["300"]
+    assert math.isclose(m["cache_gb_per_s"], 2 * 2 * 1 * 64 * 34 / 32 * (300 + 4.5) * m["decode"] / 1e9, rel_tol=1e-9)
+    against = report["against_first"]["q8_0"]
+    for e in ("selfextend", "llama.cpp-fa"):
+        assert math.isclose(against[e]["depths"]["300"]["decode"], by["q8_0"]["engines"][e]["depths"]["300"]["decode"]
+                            / by["f16"]["engines"][e]["depths"]["300"]["decode"], rel_tol=1e-12)
+        assert math.isclose(against[e]["peak_rss"], by["q8_0"]["engines"][e]["peak_rss_bytes"]
+                            / by["f16"]["engines"][e]["peak_rss_bytes"], rel_tol=1e-12)
+    r = _bench(tiny_model(), "--engines", "selfextend", "--cache-type", "f16,q8_0")
+    assert r.returncode == 0 and "q8_0 cache / f16 cache, same run" in r.stdout and "  selfextend " in r.stdout
+    r = _bench(tiny_model(), "--engines", "selfextend", "--cache-type", "f16,q5_1")
+    assert r.returncode != 0 and "q5_1" in r.stderr and "Traceback" not in r.stderr
+
+
 def test_roofline_measures_this_machine():
     from pyselfextend import _engine
 
