@@ -244,9 +244,11 @@ def run_bench(model: Optional[str] = None, *, threads: Optional[int] = None,
     runs: List[Tuple[str, str, str]] = []  # (label, engine, cache type)
     for ct in cache_types:
         chosen = list(engines) if engines is not None else list(ENGINES)
-        if engines is None and _engine.reference_needs_flash_attn(ct):
+        if "llama.cpp" in chosen and _engine.reference_needs_flash_attn(ct):
             chosen.remove("llama.cpp")
             log(f"bench: llama.cpp runs a {ct} KV cache only with flash attention: engine llama.cpp left out")
+        if not chosen:
+            raise ValueError(f"no engine of {', '.join(engines or ())} runs a {ct} cache")
         runs += [(e if len(cache_types) == 1 else f"{e} {ct}", e, ct) for e in chosen]
     log(f"bench: {path}, {threads} threads, {', '.join(cache_types)} cache, prefill {n_prompt}, decode {n_gen}, "
         f"depths {depths}, {repetitions} repetitions, engines {', '.join(label for label, _, _ in runs)}")

@@ -688,7 +688,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--depths", type=_depth_list, default=[0], metavar="LIST",
                    help="comma-separated cache depths to measure at, e.g. 0,4k,8k (default 0)")
     p.add_argument("--engines", default=None, metavar="LIST",
-                   help="engines to run (default: all four; with a quantized --cache-type, all but llama.cpp)")
+                   help="engines to run (default: all four); llama.cpp (flash attention off) is left out for a "
+                        "quantized cache type, which it cannot run")
     p.add_argument("--repetitions", "-r", type=_positive_int, default=3, metavar="N",
                    help="runs per measurement; the median is reported (default 3)")
     p.add_argument("--llama-bench", default=None, metavar="PATH",

@@ -70,6 +70,8 @@ def test_bench_compares_cache_types_in_one_run(tiny_model):
                             / by["f16"]["engines"][e]["peak_rss_bytes"], rel_tol=1e-12)
     r = _bench(tiny_model(), "--engines", "selfextend", "--cache-type", "f16,q8_0")
     assert r.returncode == 0 and "q8_0 cache / f16 cache, same run" in r.stdout and "  selfextend " in r.stdout
+    r = _bench(tiny_model(), "--engines", "llama.cpp", "--cache-type", "q8_0")
+    assert r.returncode != 0 and "no engine of llama.cpp runs a q8_0 cache" in r.stderr and "Traceback" not in r.stderr
     r = _bench(tiny_model(), "--engines", "selfextend", "--cache-type", "f16,q5_1")
     assert r.returncode != 0 and "q5_1" in r.stderr and "Traceback" not in r.stderr
 
