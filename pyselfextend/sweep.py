@@ -651,7 +651,7 @@ def _questions_section(report: Mapping[str, object], most: int = 4) -> List[str]
     lines = ["## Question by question", "",
              "Depth is where the fact sits in the text before the question (0 its start, 1 its end); each setting's "
              "log P of the answer, and its greedy answer when it missed.", "",
-             "| length | layout | depth | answer | " + " | ".join(labels) + " |", "| --- |" + " --- |" * (3 + len(labels))]
+             "| length | layout | depth | right answer | " + " | ".join(labels) + " |", "| --- |" + " --- |" * (3 + len(labels))]
     for (n, seed, position, _), by_label in sorted(answers.items()):
         key = next(iter(by_label.values()))["key"]
         row = [size_label(n), str(seed), f"{position / (n - allowance):.2f}", str(key)]

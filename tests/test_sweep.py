@@ -230,7 +230,7 @@ def test_the_sweep_command_line(tiny_model, tmp_path):
     assert page.startswith("# SelfExtend (G=2 W=32) against ordinary: a sweep on model.gguf")
     assert "## Rules" not in page and not (tmp_path / "one" / "sweep.png").exists()
     questions = page.split("## Question by question")[1]
-    assert "| length | layout | depth | answer | G=2 W=32 | ordinary |" in questions
+    assert "| length | layout | depth | right answer | G=2 W=32 | ordinary |" in questions
     assert questions.count("\n| 400 | 0 | ") == len(json.loads((tmp_path / "one" / "sweep.json").read_text())[
         "readings"][0]["trials"]) > 0
     r = subprocess.run([sys.executable, "-m", "pyselfextend", "sweep", "--references", "ordinary,yarn"],
