@@ -445,6 +445,9 @@ struct cache_rows {
     int32_t nb_lo, ring;                      // see selfextend_op_params
 };
 
+// Whether a query at or before i_max sees some key from j0 on grouped (at distance >= W).
+inline bool sees_grouped(int32_t j0, int32_t i_max, int32_t W) { return j0 <= i_max - W; }
+
 // Converts keys [j0, j0 + nb) of every head, only the kinds some row of the tile needs (a query
 // at i sees key j grouped when i - j >= W, as a neighbor when 0 <= i - j < W).
 template <typename KRows, typename NbRows, typename VRows>
@@ -456,7 +459,7 @@ void load_block(block_rows & br, const cache_rows & c, int n_head_kv, int D, int
     br.j0 = j0;
     br.nb = nb;
     br.nbp = nbp;
-    br.any_grp = j0 <= i_max - W;
+    br.any_grp = sees_grouped(j0, i_max, W);
     br.any_nb = j_last > i_min - W && j0 <= i_max;
     // Keys in lanes with an f16 cache: K goes from the cache straight to its transposed block, V
     // stays where it is (see block_rows).
@@ -630,7 +633,7 @@ void selfextend_forward(ggml_tensor * dst, int ith, int nth, const selfextend_op
             const int32_t next = j0 + kBlock;
             const int n_next = next < hi ? std::min<int32_t>(kBlock, hi - next) : 0;
             for (int g = 0; g < n_head_kv; ++g) {
-                if (n_next > 0 && next <= i_max - W)
+                if (n_next > 0 && sees_grouped(next, i_max, W))
                     prefetch_rows(cache.k + g * cache.k_head, cache.k_stride, cache.k_head, next, n_next);
                 if (n_next > 0) prefetch_rows(cache.v + g * cache.v_head, cache.v_stride, cache.v_head, next, n_next);
                 attend_block(heads[g], br, g, W, i_min);

@@ -244,7 +244,9 @@ def run_bench(model: Optional[str] = None, *, threads: Optional[int] = None,
     runs: List[Tuple[str, str, str]] = []  # (label, engine, cache type)
     for ct in cache_types:
         chosen = list(engines) if engines is not None else list(ENGINES)
-        if "llama.cpp" in chosen and _engine.reference_needs_flash_attn(ct):
+        # asked of every type before any engine starts: it raises for a type the engines do not run
+        needs_flash_attn = _engine.reference_needs_flash_attn(ct)
+        if "llama.cpp" in chosen and needs_flash_attn:
             chosen.remove("llama.cpp")
             log(f"bench: llama.cpp runs a {ct} KV cache only with flash attention: engine llama.cpp left out")
         if not chosen:
@@ -256,8 +258,8 @@ def run_bench(model: Optional[str] = None, *, threads: Optional[int] = None,
     measured = _measure(runs, path, threads, depths, n_prompt, n_gen, repetitions, log)
     results = {ct: {e: measured[label] for label, e, c in runs if c == ct} for ct in cache_types}
     if llama_bench:
+        shape = next(iter(measured.values()))["shape"]
         for ct in cache_types:
-            shape = next(iter(measured.values()))["shape"]
             flash = [True] if _engine.reference_needs_flash_attn(ct) else [True, False]
             for e, r in _run_llama_bench(llama_bench, path, threads, ct, depths, n_prompt, n_gen,
                                          repetitions, flash, log).items():

@@ -161,9 +161,11 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--verbose", "-v", action="store_true", help="show libllama/ggml log messages")
 
 
-def _add_cache_type_arg(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--cache-type", default="f16", metavar="TYPE",
-                   help="KV cache type: f16 (default), f32 or q8_0 (about half f16's memory)")
+def _add_cache_type_arg(p: argparse.ArgumentParser, several: bool = False) -> None:
+    p.add_argument("--cache-type", default="f16", metavar="TYPE[,TYPE]" if several else "TYPE",
+                   help="KV cache type: f16 (default), f32 or q8_0 (about half f16's memory)"
+                        + ("; several, comma-separated (f16,q8_0), run every engine with each in the same run and "
+                           "compare them" if several else ""))
 
 
 def _add_device_arg(p: argparse.ArgumentParser) -> None:
@@ -680,9 +682,7 @@ def build_parser() -> argparse.ArgumentParser:
                                    + __import__("pyselfextend.bench", fromlist=["x"]).__doc__.split("\n", 1)[1].strip(),
                        formatter_class=argparse.RawDescriptionHelpFormatter)
     _add_model_args(p)
-    p.add_argument("--cache-type", default="f16", metavar="TYPE[,TYPE]",
-                   help="KV cache type: f16 (default), f32 or q8_0; several, comma-separated (f16,q8_0), run every "
-                        "engine with each in the same run and compare them")
+    _add_cache_type_arg(p, several=True)
     p.add_argument("--n-prompt", type=_positive_int, default=512, metavar="N", help="prefill tokens (default 512)")
     p.add_argument("--n-gen", type=_positive_int, default=128, metavar="N", help="decoded tokens (default 128)")
     p.add_argument("--depths", type=_depth_list, default=[0], metavar="LIST",

@@ -8,7 +8,7 @@ records ``label_of(plan)`` beside every trial.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Dict, List, Mapping
+from typing import Dict, List, Mapping, Sequence
 
 
 @dataclass(frozen=True)
@@ -37,14 +37,19 @@ METHODS: Dict[str, Method] = {m.name: m for m in (
 )}
 
 
+def names_in(names: str, allowed: Sequence[str], what: str) -> List[str]:
+    """The names of a comma-separated list (``"SelfExtend,ordinary"``), each one of ``allowed``;
+    ValueError naming the first that is not (``what`` says what they are)."""
+    chosen = [n.strip() for n in names.split(",")]
+    for name in chosen:
+        if name not in allowed:
+            raise ValueError(f"unknown {what} {name!r}; choose from {', '.join(allowed)}")
+    return chosen
+
+
 def methods_named(names: str) -> List[Method]:
     """The methods of a comma-separated list of names (``"SelfExtend,ordinary"``)."""
-    chosen = []
-    for name in (n.strip() for n in names.split(",")):
-        if name not in METHODS:
-            raise ValueError(f"unknown method {name!r}; choose from {', '.join(METHODS)}")
-        chosen.append(METHODS[name])
-    return chosen
+    return [METHODS[name] for name in names_in(names, list(METHODS), "method")]
 
 
 def label_of(plan: object) -> str:

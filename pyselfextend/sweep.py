@@ -295,13 +295,9 @@ class Setting:
 
 def references_named(names: str) -> Tuple[str, ...]:
     """The reference families of a comma-separated list (``"ordinary,YaRN"``); ``"none"`` is none."""
-    if names.strip() == "none":
-        return ()
-    chosen = tuple(n.strip() for n in names.split(","))
-    unknown = [n for n in chosen if n not in REFERENCES]
-    if unknown:
-        raise ValueError(f"unknown reference {unknown[0]!r}; choose from {', '.join(REFERENCES)} (or none)")
-    return chosen
+    from .methods import names_in
+
+    return () if names.strip() == "none" else tuple(names_in(names, REFERENCES, "reference"))
 
 
 def sweep_settings(n_ctx_train: int, lengths: Sequence[int], groups: Sequence[int], windows: Sequence[int],
@@ -435,8 +431,7 @@ def run_sweep(model: str, out: Path, *, lengths: Sequence[int], groups: Sequence
             + ", ".join(f"{size_label(int(n))} {p:.2f}" for n, p in ppl.items() if p) + f" ({reading['seconds']:.0f} s)")
         save()
     save()
-    plot = _heat_maps(report, out / "sweep.png") if len(_grid_labels(report)) > 1 else None
-    (out / "sweep.md").write_text(render_markdown(report, plot_file=plot))
+    (out / "sweep.md").write_text(render_markdown(report, plot_file=_heat_maps(report, out / "sweep.png")))
     return report
 
 
@@ -488,14 +483,18 @@ def _grid_values(report: Mapping[str, object], by: Mapping[Tuple[str, int], Cell
     return groups, windows, values
 
 
-def _grid_labels(report: Mapping[str, object]) -> List[str]:
-    """The SelfExtend settings the sweep read, in reading order."""
-    return list(dict.fromkeys(r["label"] for r in report["readings"] if r["family"] == "SelfExtend"))
+def _labels(report: Mapping[str, object], selfextend: Optional[bool] = None) -> List[str]:
+    """The settings the sweep read, in reading order: SelfExtend's, the references', or all."""
+    return list(dict.fromkeys(r["label"] for r in report["readings"]
+                              if selfextend is None or (r["family"] == "SelfExtend") == selfextend))
 
 
 def _heat_maps(report: Mapping[str, object], path: Path) -> Optional[str]:
     """sweep.png: per length, the mean log-probability of the answers and the perplexity past L
-    over G x W. None without matplotlib (the page then has the tables alone)."""
+    over G x W. None without matplotlib or for a single SelfExtend setting (the page then has the
+    tables alone)."""
+    if len(_labels(report, selfextend=True)) < 2:
+        return None
     try:
         import matplotlib
 
@@ -639,7 +638,7 @@ def _rules_section(report: Mapping[str, object]) -> List[str]:
 def _questions_section(report: Mapping[str, object], most: int = 4) -> List[str]:
     """Every question with each setting's score and answer, for a sweep of at most ``most``
     settings (a bigger one keeps them in sweep.json): how retrieval goes with the fact's depth."""
-    labels = list(dict.fromkeys(r["label"] for r in report["readings"]))
+    labels = _labels(report)
     if len(labels) > most:
         return []
     allowance = int(report["layouts"][0]["allowance"])
@@ -689,8 +688,7 @@ def render_markdown(report: Mapping[str, object], plot_file: Optional[str] = Non
     allowance = int(report["layouts"][0]["allowance"])
     per_length = {n: next(sum(int(t["length"]) == n for t in r["trials"]) for r in report["readings"]
                           if n in r["lengths"] and r["seed"] == 0) for n in lengths}
-    grid = _grid_labels(report)
-    others = list(dict.fromkeys(r["label"] for r in report["readings"] if r["family"] != "SelfExtend"))
+    grid, others = _labels(report, selfextend=True), _labels(report, selfextend=False)
     title = ("Choosing G and W" if len(grid) > 1 else
              f"SelfExtend ({', '.join(grid)}) against {', '.join(others) or 'nothing'}")
     lines = [f"# {title}: a sweep on {Path(str(report['model'])).name}", "",
