@@ -4,7 +4,6 @@
 #include <cmath>
 #include <cstring>
 #include <limits>
-#include <type_traits>
 #include <vector>
 
 #if defined(__AVX2__) && defined(__F16C__) && defined(__FMA__)
@@ -19,24 +18,30 @@ namespace pse {
 
 namespace {
 
-#if PSE_AVX2
-// 8 values as f32, from f32 or (converted exactly) from f16.
-inline __m256 load8(const float * x) { return _mm256_loadu_ps(x); }
-inline __m256 load8(const ggml_fp16_t * x) { return _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *) x)); }
-#endif
-
-// ---- row readers: one cache row to f32 -----------------------------------------------------
-// The K/V rows of a block are converted once and then serve every query row of the tile. f16 and
-// f32 and q8_0 are inlined.
+// ---- row readers: cache rows as f32 -------------------------------------------------------
+// Each cache type's reader gives a whole row (operator(): the K/V rows of a block are converted once
+// and then serve every query row of the tile), one value (value) and, on AVX2, 8 values from
+// value d on (load8: decoding reads K and V where they lie in the cache). All three give the same
+// f32 for a value. f32, f16 and q8_0 are inlined.
 struct f32_rows {
     void operator()(float * dst, const char * src, int n) const { std::memcpy(dst, src, sizeof(float) * n); }
+    static float value(const char * row, int d) { return ((const float *) row)[d]; }
+#if PSE_AVX2
+    static __m256 load8(const char * row, int d) { return _mm256_loadu_ps((const float *) row + d); }
+#endif
 };
 struct f16_rows {
+    static float value(const char * row, int d) { return ggml_fp16_to_fp32(((const ggml_fp16_t *) row)[d]); }
+#if PSE_AVX2
+    static __m256 load8(const char * row, int d) {
+        return _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *) ((const ggml_fp16_t *) row + d)));
+    }
+#endif
     void operator()(float * dst, const char * src_bytes, int n) const {
         const ggml_fp16_t * src = (const ggml_fp16_t *) src_bytes;
         int i = 0;
 #if PSE_AVX2
-        for (; i + 8 <= n; i += 8) _mm256_storeu_ps(dst + i, load8(src + i));
+        for (; i + 8 <= n; i += 8) _mm256_storeu_ps(dst + i, load8(src_bytes, i));
 #elif PSE_NEON
         for (; i + 4 <= n; i += 4) vst1q_f32(dst + i, vcvt_f32_f16(vld1_f16((const __fp16 *) (src + i))));
 #endif
@@ -45,27 +50,33 @@ struct f16_rows {
 };
 // q8_0 (the quantized cache kv_cache allows): blocks of 32 values, an f16 scale and 32 int8 (ggml's
 // layout, checked against ggml's block size where the op is chosen). Inlined like f16: ggml's own
-// dequantization is a call per row and a scalar loop, and decoding converts every row of the cache.
+// dequantization is a call per row and a scalar loop, and decoding reads every row of the cache.
 // The same value as ggml's, q * d rounded once.
 struct q8_0_rows {
     static constexpr int kValues = 32;
     static constexpr size_t kBytes = sizeof(ggml_fp16_t) + kValues;
-    void operator()(float * dst, const char * src, int n) const {
-        for (int i = 0; i < n; i += kValues, src += kBytes) {
-            ggml_fp16_t scale;
-            std::memcpy(&scale, src, sizeof(scale));
-            const int8_t * q = (const int8_t *) (src + sizeof(scale));
+    static float value(const char * row, int d) {
+        const char * block = row + (size_t) (d / kValues) * kBytes;
+        ggml_fp16_t scale;
+        std::memcpy(&scale, block, sizeof(scale));
+        return ((const int8_t *) (block + sizeof(scale)))[d % kValues] * ggml_fp16_to_fp32(scale);
+    }
 #if PSE_AVX2
-            const __m256 d = _mm256_set1_ps(_cvtsh_ss(scale));
-            for (int j = 0; j < kValues; j += 8) {
-                const __m256i qi = _mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i *) (q + j)));
-                _mm256_storeu_ps(dst + i + j, _mm256_mul_ps(_mm256_cvtepi32_ps(qi), d));
-            }
-#else
-            const float d = ggml_fp16_to_fp32(scale);
-            for (int j = 0; j < kValues; ++j) dst[i + j] = q[j] * d;
+    // d is a multiple of 8: the 8 values lie in one block.
+    static __m256 load8(const char * row, int d) {
+        const char * block = row + (size_t) (d / kValues) * kBytes;
+        ggml_fp16_t scale;
+        std::memcpy(&scale, block, sizeof(scale));
+        const __m128i q = _mm_loadl_epi64((const __m128i *) (block + sizeof(scale) + d % kValues));
+        return _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(q)), _mm256_set1_ps(_cvtsh_ss(scale)));
+    }
 #endif
-        }
+    void operator()(float * dst, const char * src, int n) const {
+#if PSE_AVX2
+        for (int i = 0; i < n; i += 8) _mm256_storeu_ps(dst + i, load8(src, i));
+#else
+        for (int i = 0; i < n; ++i) dst[i] = value(src, i);
+#endif
     }
 };
 
@@ -124,11 +135,11 @@ inline void scores_tile(const float * qT, int NR, int r0, const float * k, int l
         for (int v = 0; v < NV; ++v) _mm256_storeu_ps(s + (size_t) (b0 + b) * NR + r0 + 8 * v, acc[b][v]);
 }
 
-// o[r0 + r][d0 .. d0 + 8 NX] += sum_b p_b,r0+r * v[b][d0 ..] for MR rows, over nb keys (value b at
-// v + b * ld, f32 or f16; p_b,r at p + b * pb_stride + r * pr_stride, for either layout).
-template <int MR, int NX, typename VT>
+// o[r0 + r][d0 .. d0 + 8 NX] += sum_b p_b,r0+r * v[b][d0 ..] for MR rows, over nb keys (value row b
+// at v + b * ld bytes, read by VRows; p_b,r at p + b * pb_stride + r * pr_stride, for either layout).
+template <int MR, int NX, typename VRows>
 inline void accumulate_tile(float * o, int D, int r0, int d0, const float * p, size_t pb_stride, size_t pr_stride,
-                            const VT * v, size_t ld, int nb) {
+                            const char * v, size_t ld, int nb) {
     __m256 acc[MR][NX];
     PSE_UNROLL
     for (int r = 0; r < MR; ++r)
@@ -137,7 +148,7 @@ inline void accumulate_tile(float * o, int D, int r0, int d0, const float * p, s
     for (int b = 0; b < nb; ++b) {
         __m256 vv[NX];
         PSE_UNROLL
-        for (int x = 0; x < NX; ++x) vv[x] = load8(v + b * ld + d0 + 8 * x);
+        for (int x = 0; x < NX; ++x) vv[x] = VRows::load8(v + b * ld, d0 + 8 * x);
         PSE_UNROLL
         for (int r = 0; r < MR; ++r) {
             const __m256 pb = _mm256_broadcast_ss(p + b * pb_stride + (r0 + r) * pr_stride);
@@ -196,17 +207,64 @@ inline void store_transposed(__m256 r[8], float * dst) {
     }
 }
 
-// dst[d * kBlock + b] = row b's value d for keys b < nbp and d < D (both multiples of 8), 8x8 at a
-// time; row b at src + b * ld, f32 or f16 (rows nb .. nbp are zero).
-template <typename T>
-inline void transpose_block(const T * src, size_t ld, int nb, float * dst, int D, int nbp) {
-    for (int b0 = 0; b0 < nbp; b0 += 8) {
+// dst[d * kBlock + b] = row b's value d for keys b0 <= b < nbp and d < D (both multiples of 8), 8x8
+// at a time, each row widened by Rows::load8; row b at src + b * ld bytes (rows nb .. nbp are zero).
+template <typename Rows>
+inline void transpose_rows(const char * src, size_t ld, int nb, float * dst, int D, int b0, int nbp) {
+    for (; b0 < nbp; b0 += 8) {
         for (int d0 = 0; d0 < D; d0 += 8) {
             __m256 r[8];
-            for (int i = 0; i < 8; ++i) r[i] = b0 + i < nb ? load8(src + (b0 + i) * ld + d0) : _mm256_setzero_ps();
+            for (int i = 0; i < 8; ++i) r[i] = b0 + i < nb ? Rows::load8(src + (b0 + i) * ld, d0) : _mm256_setzero_ps();
             store_transposed(r, dst + (size_t) d0 * kBlock + b0);
         }
     }
+}
+
+// The same for every key of a block: dst[d * kBlock + b] = row b's value d.
+template <typename Rows>
+inline void transpose_block(const char * src, size_t ld, int nb, float * dst, int D, int nbp) {
+    transpose_rows<Rows>(src, ld, nb, dst, D, 0, nbp);
+}
+
+// q8_0: 8 keys' int8 values are transposed as bytes (three rounds of unpacking, on 8 bytes a row
+// rather than 32) and widened after, a column at a time times the 8 keys' scales: 40% fewer
+// instructions than widening row by row, and the same values (q * d is exact in f32). D is a
+// multiple of 32 (kv_cache allows q8_0 only then); a tail of fewer than 8 keys goes row by row.
+template <>
+inline void transpose_block<q8_0_rows>(const char * src, size_t ld, int nb, float * dst, int D, int nbp) {
+    using Q = q8_0_rows;
+    int b0 = 0;
+    for (; b0 + 8 <= nb; b0 += 8) {
+        for (int blk = 0; blk < D / Q::kValues; ++blk) {
+            const char * row[8];
+            alignas(16) ggml_fp16_t scale[8];
+            for (int i = 0; i < 8; ++i) {
+                row[i] = src + (size_t) (b0 + i) * ld + (size_t) blk * Q::kBytes;
+                std::memcpy(&scale[i], row[i], sizeof(ggml_fp16_t));
+            }
+            const __m256 d = _mm256_cvtph_ps(_mm_load_si128((const __m128i *) scale));
+            for (int j = 0; j < Q::kValues; j += 8) {
+                __m128i r[8];
+                for (int i = 0; i < 8; ++i) r[i] = _mm_loadl_epi64((const __m128i *) (row[i] + sizeof(ggml_fp16_t) + j));
+                // pairs of rows interleaved byte by byte, then 2 bytes at a time, then 4: each
+                // register ends with two columns of 8 keys (columns 2c and 2c + 1 in cols[c])
+                const __m128i a0 = _mm_unpacklo_epi8(r[0], r[1]), a1 = _mm_unpacklo_epi8(r[2], r[3]);
+                const __m128i a2 = _mm_unpacklo_epi8(r[4], r[5]), a3 = _mm_unpacklo_epi8(r[6], r[7]);
+                const __m128i c0 = _mm_unpacklo_epi16(a0, a1), c1 = _mm_unpackhi_epi16(a0, a1);
+                const __m128i c2 = _mm_unpacklo_epi16(a2, a3), c3 = _mm_unpackhi_epi16(a2, a3);
+                const __m128i cols[4] = {_mm_unpacklo_epi32(c0, c2), _mm_unpackhi_epi32(c0, c2),
+                                         _mm_unpacklo_epi32(c1, c3), _mm_unpackhi_epi32(c1, c3)};
+                float * out = dst + (size_t) (blk * Q::kValues + j) * kBlock + b0;
+                for (int c = 0; c < 4; ++c) {
+                    const __m256 lo = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(cols[c]));
+                    const __m256 hi = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_unpackhi_epi64(cols[c], cols[c])));
+                    _mm256_storeu_ps(out + (size_t) (2 * c) * kBlock, _mm256_mul_ps(lo, d));
+                    _mm256_storeu_ps(out + (size_t) (2 * c + 1) * kBlock, _mm256_mul_ps(hi, d));
+                }
+            }
+        }
+    }
+    transpose_rows<Q>(src, ld, nb, dst, D, b0, nbp);
 }
 
 // exp(x) for 8 lanes; x below -87 (an invisible key, -inf) gives exactly 0.
@@ -232,9 +290,6 @@ inline __m256 exp8(__m256 x) {
 #endif
 
 // ---- one block of keys -----------------------------------------------------------------------
-
-inline float to_f32(float x) { return x; }
-inline float to_f32(ggml_fp16_t x) { return ggml_fp16_to_fp32(x); }
 
 // A tile's query rows, packed once per work item, and its running softmax state.
 struct tile_state {
@@ -294,9 +349,10 @@ void block_scores(const tile_state & ts, const float * q_t, const float * k, int
 #endif
 }
 
-// o[r] += sum_b p[ts.at(b, r)] * v[b] for every row, over nb values (value b at v + b * ld).
-template <typename VT>
-void block_accumulate(tile_state & ts, const float * p, const VT * v, size_t ld, int nb) {
+// o[r] += sum_b p[ts.at(b, r)] * v[b] for every row, over nb values (value row b at v + b * ld bytes,
+// read by VRows).
+template <typename VRows>
+void block_accumulate(tile_state & ts, const float * p, const char * v, size_t ld, int nb) {
     const int D = ts.D, n = ts.n_rows;
     float * o = ts.o.data();
 #if PSE_AVX2
@@ -304,16 +360,16 @@ void block_accumulate(tile_state & ts, const float * p, const VT * v, size_t ld,
     if (D % 32 == 0) {
         for (int d0 = 0; d0 < D; d0 += 32) {
             int r0 = 0;
-            for (; r0 + 3 <= n; r0 += 3) accumulate_tile<3, 4>(o, D, r0, d0, p, bs, rs, v, ld, nb);
-            for (; r0 < n; ++r0) accumulate_tile<1, 4>(o, D, r0, d0, p, bs, rs, v, ld, nb);
+            for (; r0 + 3 <= n; r0 += 3) accumulate_tile<3, 4, VRows>(o, D, r0, d0, p, bs, rs, v, ld, nb);
+            for (; r0 < n; ++r0) accumulate_tile<1, 4, VRows>(o, D, r0, d0, p, bs, rs, v, ld, nb);
         }
         return;
     }
     if (D % 8 == 0) {
         for (int d0 = 0; d0 < D; d0 += 8) {
             int r0 = 0;
-            for (; r0 + 3 <= n; r0 += 3) accumulate_tile<3, 1>(o, D, r0, d0, p, bs, rs, v, ld, nb);
-            for (; r0 < n; ++r0) accumulate_tile<1, 1>(o, D, r0, d0, p, bs, rs, v, ld, nb);
+            for (; r0 + 3 <= n; r0 += 3) accumulate_tile<3, 1, VRows>(o, D, r0, d0, p, bs, rs, v, ld, nb);
+            for (; r0 < n; ++r0) accumulate_tile<1, 1, VRows>(o, D, r0, d0, p, bs, rs, v, ld, nb);
         }
         return;
     }
@@ -323,8 +379,8 @@ void block_accumulate(tile_state & ts, const float * p, const VT * v, size_t ld,
         for (int b = 0; b < nb; ++b) {
             const float pb = p[ts.at(b, r)];
             if (pb == 0.0f) continue;
-            const VT * vb = v + b * ld;
-            for (int d = 0; d < D; ++d) orow[d] += pb * to_f32(vb[d]);
+            const char * vb = v + b * ld;
+            for (int d = 0; d < D; ++d) orow[d] += pb * VRows::value(vb, d);
         }
     }
 }
@@ -427,10 +483,11 @@ struct block_rows {
     int ld = 0;                // n_head_kv * D: from one key's row to the next
     std::vector<float> kg, kn, v;
     std::vector<float> kgT, knT;  // for tiles with keys in lanes: K transposed, [n_head_kv][D][kBlock]
-    // With keys in lanes and an f16 cache, V is read where it is (v16 + b * v16_ld + g * v16_head):
-    // each value serves one group of rows, so a converted copy would only add a pass.
-    const ggml_fp16_t * v16 = nullptr;
-    size_t v16_ld = 0, v16_head = 0;
+    // With keys in lanes, V is read where it is in the cache (row b of head g at
+    // v_direct + b * v_ld + g * v_head bytes): each value serves one group of rows, so a converted
+    // copy would only add a pass.
+    const char * v_direct = nullptr;
+    size_t v_ld = 0, v_head = 0;
     int32_t j0 = 0;            // the block's first key
     int nb = 0, nbp = 0;       // its keys, and that rounded up to a multiple of 8 (scores 8 at a time)
     bool any_grp = false, any_nb = false;  // whether some row of the tile sees a grouped / neighbor key
@@ -461,16 +518,16 @@ void load_block(block_rows & br, const cache_rows & c, int n_head_kv, int D, int
     br.nbp = nbp;
     br.any_grp = sees_grouped(j0, i_max, W);
     br.any_nb = j_last > i_min - W && j0 <= i_max;
-    // Keys in lanes with an f16 cache: K goes from the cache straight to its transposed block, V
-    // stays where it is (see block_rows).
+    // Keys in lanes: K goes from the cache straight to its transposed block, V stays where it is
+    // (see block_rows); both are widened to f32 as they are read, whatever the cache type.
 #if PSE_AVX2
-    const bool direct = std::is_same_v<KRows, f16_rows> && std::is_same_v<VRows, f16_rows> && transpose;
+    const bool direct = transpose;
 #else
     const bool direct = false;
 #endif
-    br.v16 = direct ? (const ggml_fp16_t *) (c.v + (size_t) j0 * c.v_stride) : nullptr;
-    br.v16_ld = c.v_stride / sizeof(ggml_fp16_t);
-    br.v16_head = c.v_head / sizeof(ggml_fp16_t);
+    br.v_direct = direct ? c.v + (size_t) j0 * c.v_stride : nullptr;
+    br.v_ld = c.v_stride;
+    br.v_head = c.v_head;
     for (int b = 0; b < nb; ++b) {
         const int32_t j = j0 + b;
         for (int g = 0; g < n_head_kv; ++g) {
@@ -488,13 +545,10 @@ void load_block(block_rows & br, const cache_rows & c, int n_head_kv, int D, int
 #if PSE_AVX2
     for (int g = 0; transpose && g < n_head_kv; ++g) {
         const size_t col = (size_t) g * D, head = (size_t) g * D * kBlock;
-        if (br.any_grp && direct) {
-            const auto * k16 = (const ggml_fp16_t *) (c.k + (size_t) j0 * c.k_stride + g * c.k_head);
-            transpose_block(k16, c.k_stride / sizeof(ggml_fp16_t), nb, br.kgT.data() + head, D, nbp);
-        } else if (br.any_grp) {
-            transpose_block(br.kg.data() + col, br.ld, nbp, br.kgT.data() + head, D, nbp);
-        }
-        if (br.any_nb) transpose_block(br.kn.data() + col, br.ld, nbp, br.knT.data() + head, D, nbp);
+        if (br.any_grp)
+            transpose_block<KRows>(c.k + (size_t) j0 * c.k_stride + g * c.k_head, c.k_stride, nb, br.kgT.data() + head, D, nbp);
+        if (br.any_nb)
+            transpose_block<f32_rows>((const char *) (br.kn.data() + col), br.ld * sizeof(float), nbp, br.knT.data() + head, D, nbp);
     }
 #else
     (void) transpose;  // keys in lanes is an AVX2 layout
@@ -512,7 +566,8 @@ inline void prefetch_rows(const char * base, size_t stride, size_t bytes, int32_
     }
 }
 
-// Folds the converted block of KV head g into every row of its tile.
+// Folds the block of KV head g into every row of its tile.
+template <typename VRows>
 void attend_block(tile_state & ts, const block_rows & br, int g, int32_t W, int32_t i_min) {
     const size_t col = (size_t) g * ts.D;
     if (ts.keys_in_lanes) {
@@ -530,8 +585,8 @@ void attend_block(tile_state & ts, const block_rows & br, int g, int32_t W, int3
                    br.nbp, W);
     }
     block_softmax(ts, s, br.nbp);
-    if (br.v16) block_accumulate(ts, s, br.v16 + g * br.v16_head, br.v16_ld, br.nb);
-    else block_accumulate(ts, s, br.v.data() + col, (size_t) br.ld, br.nb);
+    if (br.v_direct) block_accumulate<VRows>(ts, s, br.v_direct + g * br.v_head, br.v_ld, br.nb);
+    else block_accumulate<f32_rows>(ts, s, (const char *) (br.v.data() + col), br.ld * sizeof(float), br.nb);
 }
 
 // ---- the work split --------------------------------------------------------------------------
@@ -636,7 +691,7 @@ void selfextend_forward(ggml_tensor * dst, int ith, int nth, const selfextend_op
                 if (n_next > 0 && sees_grouped(next, i_max, W))
                     prefetch_rows(cache.k + g * cache.k_head, cache.k_stride, cache.k_head, next, n_next);
                 if (n_next > 0) prefetch_rows(cache.v + g * cache.v_head, cache.v_stride, cache.v_head, next, n_next);
-                attend_block(heads[g], br, g, W, i_min);
+                attend_block<VRows>(heads[g], br, g, W, i_min);
             }
         }
 

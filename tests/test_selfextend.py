@@ -87,7 +87,7 @@ def test_decode_split_across_threads_is_exact():
 
 
 @pytest.mark.parametrize("H,Hkv", [(9, 3), (14, 2), (4, 2)])
-@pytest.mark.parametrize("cache", ["f16", "f32"])
+@pytest.mark.parametrize("cache", ["f16", "f32", "q8_0"])
 def test_a_query_gets_the_same_bits_in_any_tile(H, Hkv, cache):
     # Batches of 65 end in a one-token tile (fewer than 8 query rows: the kernel puts keys in
     # vector lanes), a batch of 130 puts those tokens in full tiles (rows in lanes). Prefix reuse
@@ -97,7 +97,7 @@ def test_a_query_gets_the_same_bits_in_any_tile(H, Hkv, cache):
     apart = _engine._attention_probe(q, k, v, 4, 40, 65, cache, "fused", n_threads=2)
     whole = _engine._attention_probe(q, k, v, 4, 40, 130, cache, "fused", n_threads=2)
     assert np.array_equal(apart, whole)
-    assert _rel(whole, selfextend_attention(q, k, v, 4, 40)) <= (1e-5 if cache == "f32" else 2e-3)
+    assert _rel(whole, selfextend_attention(q, k, v, 4, 40)) <= {"f32": 1e-5, "f16": 2e-3, "q8_0": 3e-2}[cache]
 
 
 def test_cache_is_an_ordinary_cache_plus_o_of_w(tiny_model):
