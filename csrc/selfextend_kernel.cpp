@@ -227,7 +227,7 @@ inline void transpose_block(const char * src, size_t ld, int nb, float * dst, in
 }
 
 // q8_0: 8 keys' int8 values are transposed as bytes (three rounds of unpacking, on 8 bytes a row
-// rather than 32) and widened after, a column at a time times the 8 keys' scales: 40% fewer
+// rather than 32) and widened after, a column at a time times the 8 keys' scales: a third fewer
 // instructions than widening row by row, and the same values (q * d is exact in f32). D is a
 // multiple of 32 (kv_cache allows q8_0 only then); a tail of fewer than 8 keys goes row by row.
 template <>

@@ -1,8 +1,9 @@
 """pyselfextend evaluate: the whole long-context evaluation in one command, and its results page.
 
-Runs on one model: passkey retrieval for SelfExtend and each baseline (ordinary attention,
-llama.cpp's group attention, YaRN) at several lengths and key depths; perplexity by position over
-one long document for the same methods; and the speed and memory benchmark against llama.cpp.
+Runs on one model: the speed and memory benchmark against llama.cpp (first, while the run has
+the machine to itself); passkey retrieval for SelfExtend and each baseline (ordinary attention,
+llama.cpp's group attention, YaRN) at several lengths and key depths; and perplexity by position
+over one long document for the same methods.
 Writes results.json (after every step), perplexity.png and the page results.md into --out. With
 the defaults, SmolLM2-135M on two cores takes about two hours; --resume continues an interrupted
 run where it stopped.
@@ -150,6 +151,21 @@ def run_evaluation(model: str, out: Path, lengths: List[int], depths: List[float
         report["minutes"] = round(sum(seconds) / 60, 1)
         results_file.write_text(json.dumps(report, indent=2))
 
+    # The benchmark first, while the run has the machine to itself: its numbers are the only ones
+    # that other load would change, and a long run is the more likely to share the machine later.
+    if bench:
+        kept = (earlier or {}).get("bench")
+        if (kept and "seconds" in kept and kept.get("repetitions") == BENCH_REPETITIONS
+                and list(next(iter(kept["engines"].values()))["depths"]) == [str(d) for d in sorted(set(bench_depths))]):
+            log("bench: kept from the earlier run")
+        else:
+            started = time.perf_counter()
+            kept = run_bench(path, threads=threads, depths=bench_depths, repetitions=BENCH_REPETITIONS, log=log)
+            kept["seconds"] = round(time.perf_counter() - started, 2)
+            kept["machine"] = describe_machine()
+        report["bench"] = kept
+        save()
+
     keys = passkey_keys(0, lengths, depths, 1)
     for method in methods:
         name = method.name
@@ -186,16 +202,6 @@ def run_evaluation(model: str, out: Path, lengths: List[int], depths: List[float
         save()
     plot(report["perplexity"], int(report["n_ctx_train"]), str(out / "perplexity.png"))
 
-    if bench:
-        kept = (earlier or {}).get("bench")
-        if (kept and "seconds" in kept and kept.get("repetitions") == BENCH_REPETITIONS
-                and list(next(iter(kept["engines"].values()))["depths"]) == [str(d) for d in sorted(set(bench_depths))]):
-            log("bench: kept from the earlier run")
-        else:
-            started = time.perf_counter()
-            kept = run_bench(path, threads=threads, depths=bench_depths, repetitions=BENCH_REPETITIONS, log=log)
-            kept["seconds"] = round(time.perf_counter() - started, 2)
-        report["bench"] = kept
     save()
     (out / "results.md").write_text(render_markdown(report))
     return report
@@ -333,8 +339,10 @@ def _bench_section(r: Dict[str, object], threads: str) -> List[str]:
     b = r["bench"]
     engines = b["engines"]
     depths = list(next(iter(engines.values()))["depths"])
+    roof = b.get("roofline")
     lines = ["## Speed and memory against llama.cpp", "",
-             f"Tokens/s, prefill / decode: prefill is one batch of {b['n_prompt']} tokens after DEPTH cached "
+             (f"Measured on {b['date']} on {b['machine']}, as the run's first step. " if b.get("machine") else "")
+             + f"Tokens/s, prefill / decode: prefill is one batch of {b['n_prompt']} tokens after DEPTH cached "
              f"tokens, decode is {b['n_gen']} tokens one at a time after them; median of {b['repetitions']}. "
              "Every engine runs the same model file, thread count and tokens, in its own process. "
              "`selfextend` is pyselfextend as a user gets it for that context (SelfExtend "
@@ -351,11 +359,44 @@ def _bench_section(r: Dict[str, object], threads: str) -> List[str]:
         lines.append(f"| {d} | " + " | ".join(f"{e['depths'][d]['prefill']:.1f} / {e['depths'][d]['decode']:.1f}"
                                               for e in engines.values()) + f" | {rcell} |")
     lines += ["", "Peak resident memory (RSS): " + ", ".join(
-        f"{k} {v['peak_rss_bytes'] / 2**20:.0f} MiB" for k, v in engines.items()) + ".", "",
-        "The same run alone:", "", "```",
-        f"pyselfextend bench --depths {','.join(size_label(int(d)) if int(d) else '0' for d in depths)} "
-        f"--repetitions {b['repetitions']}{threads}", "```", ""]
+        f"{k} {v['peak_rss_bytes'] / 2**20:.0f} MiB" for k, v in engines.items()) + ".", ""]
+    if roof and all("attention_gflops" in e["depths"][d] for e in engines.values() for d in depths):
+        lines += [f"How far from the machine's limits: measured in the same run with the same threads, "
+                  f"{roof['fma_gflops']:.0f} GFLOP/s of f32 multiply-add and {roof['read_gb_per_s']:.1f} GB/s of "
+                  "memory reads. Attention GFLOP/s is the attention FLOPs of the prefill over its whole time (a "
+                  "lower bound on the attention's own speed); cache GB/s is the K/V bytes a decoding step reads "
+                  "over its whole time.", "",
+                  "| depth | " + " | ".join(engines) + " |", "| --- |" + " --- |" * len(engines)]
+        for d in depths:
+            lines.append(f"| {d} | " + " | ".join(
+                f"{e['depths'][d]['attention_gflops']:.1f} GFLOP/s, {e['depths'][d]['cache_gb_per_s']:.2f} GB/s"
+                for e in engines.values()) + " |")
+        lines.append("")
+    reads = _read_times(b)
+    if reads:
+        lines += [f"Time to read a document from empty (the fills before each depth, batches of "
+                  f"{max(512, int(b['n_prompt']))}): " + "; ".join(
+                      f"{d} tokens " + ", ".join(f"{e} {sec:.1f} s" for e, sec in times.items())
+                      + (f" (selfextend {ratio:.2f}x the faster llama.cpp)" if ratio else "")
+                      for d, (times, ratio) in reads.items()) + ".", ""]
+    lines += ["The same run alone:", "", "```",
+              f"pyselfextend bench --depths {','.join(size_label(int(d)) if int(d) else '0' for d in depths)} "
+              f"--repetitions {b['repetitions']}{threads}", "```", ""]
     return lines
+
+
+def _read_times(b: Dict[str, object]) -> Dict[str, tuple]:
+    """For each depth past 0: every engine's seconds to read that many tokens from empty, and
+    selfextend's speed-up over the faster llama.cpp (None without both)."""
+    engines = b["engines"]
+    out = {}
+    for d in next(iter(engines.values()))["depths"]:
+        times = {e: r["depths"][d]["read_seconds"] for e, r in engines.items() if "read_seconds" in r["depths"][d]}
+        if int(d) == 0 or not times:
+            continue
+        llamas = [times[e] for e in ("llama.cpp-fa", "llama.cpp") if e in times]
+        out[d] = (times, min(llamas) / times["selfextend"] if llamas and "selfextend" in times else None)
+    return out
 
 
 def _key_place(trial: Dict[str, object]) -> str:
@@ -405,13 +446,18 @@ def _summary(r: Dict[str, object], L: int) -> List[str]:
             lines.append(f"- Perplexity, {n}: {what}.")
     b = r.get("bench")
     if b and b.get("ratios"):
-        deepest = max((d for d in b["ratios"] if d.isdigit()), key=int, default=None)
-        if deepest is not None:
-            q = b["ratios"][deepest]
-            rss = next((v for k, v in b["ratios"].items() if k.startswith("peak_rss")), None)
-            lines.append(f"- Speed at depth {deepest}: SelfExtend prefill {q['prefill_vs_best_llama.cpp']:.2f}x and "
-                         f"decode {q['decode_vs_best_llama.cpp']:.2f}x the better llama.cpp (flash attention on or "
-                         f"off)" + (f"; peak memory {rss:.2f}x llama.cpp's with flash attention." if rss else "."))
+        depths = [d for d in b["ratios"] if d.isdigit()]
+        rss = next((v for k, v in b["ratios"].items() if k.startswith("peak_rss")), None)
+        if depths:
+            lines.append("- Speed against the better llama.cpp (flash attention on or off), SelfExtend prefill / "
+                         "decode: " + ", ".join(f"{b['ratios'][d]['prefill_vs_best_llama.cpp']:.2f}x / "
+                                                f"{b['ratios'][d]['decode_vs_best_llama.cpp']:.2f}x at depth {d}"
+                                                for d in depths)
+                         + (f"; peak memory {rss:.2f}x llama.cpp's with flash attention." if rss else "."))
+        reads = {d: ratio for d, (_, ratio) in _read_times(b).items() if ratio}
+        if reads:
+            lines.append("- Reading a document from empty, SelfExtend against the faster llama.cpp: "
+                         + ", ".join(f"{ratio:.2f}x at {d} tokens" for d, ratio in reads.items()) + ".")
     return lines + [""]
 
 

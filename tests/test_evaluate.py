@@ -21,8 +21,8 @@ def test_evaluate_writes_the_results_page(tiny_model, tmp_path):
     doc.write_text("w1 w2 w3 w4 w5 " * 200)
     out = tmp_path / "out"
     r = evaluate("-m", str(tiny_model()), "--out", str(out), "--lengths", "600,900", "--baseline-lengths", "600",
-                 "--depths", "0.5", "--ppl-ctx", "500", "--bucket", "128", "--document", str(doc), "--bench-depths", "0",
-                 "-t", "1")
+                 "--depths", "0.5", "--ppl-ctx", "500", "--bucket", "128", "--document", str(doc),
+                 "--bench-depths", "0,256", "-t", "1")
     assert r.returncode == 0, r.stderr
     report = json.loads((out / "results.json").read_text())
     assert set(report["passkey"]) == {"SelfExtend", "ordinary", "llama.cpp grp-attn 4", "YaRN"}
@@ -38,6 +38,13 @@ def test_evaluate_writes_the_results_page(tiny_model, tmp_path):
     assert "pyselfextend passkey --lengths 600 --depths 0.5 --seed 0 --no-selfextend --threads 1" in page
     assert "Intel" in page or "AMD" in page or "cores" in page  # the machine is named
     assert "perplexity.png" in page and (out / "perplexity.png").exists() and "Peak resident memory" in page
+    # the bench's roofline, each engine's attention GFLOP/s and cache GB/s, and the time to read 256 tokens
+    bench = report["bench"]
+    assert f"{bench['roofline']['fma_gflops']:.0f} GFLOP/s of f32 multiply-add" in page
+    se = bench["engines"]["selfextend"]["depths"]["256"]
+    assert f"{se['attention_gflops']:.1f} GFLOP/s, {se['cache_gb_per_s']:.2f} GB/s" in page
+    assert f"256 tokens selfextend {se['read_seconds']:.1f} s" in page
+    assert "at depth 256" in page and "Reading a document from empty" in page
 
 
 def _report_with(selfextend_past: float, ordinary_past: float) -> dict:
