@@ -4,6 +4,7 @@
 #include <cmath>
 #include <cstring>
 #include <limits>
+#include <type_traits>
 #include <vector>
 
 #if defined(__AVX2__) && defined(__F16C__) && defined(__FMA__)
@@ -55,28 +56,41 @@ struct f16_rows {
 struct q8_0_rows {
     static constexpr int kValues = 32;
     static constexpr size_t kBytes = sizeof(ggml_fp16_t) + kValues;
+    // The block that holds value d of a row, its scale and its values.
+    static const char * block(const char * row, int d) { return row + (size_t) (d / kValues) * kBytes; }
+    static ggml_fp16_t scale(const char * block) {
+        ggml_fp16_t h;
+        std::memcpy(&h, block, sizeof(h));
+        return h;
+    }
+    static const int8_t * values(const char * block) { return (const int8_t *) (block + sizeof(ggml_fp16_t)); }
+
     static float value(const char * row, int d) {
-        const char * block = row + (size_t) (d / kValues) * kBytes;
-        ggml_fp16_t scale;
-        std::memcpy(&scale, block, sizeof(scale));
-        return ((const int8_t *) (block + sizeof(scale)))[d % kValues] * ggml_fp16_to_fp32(scale);
+        const char * b = block(row, d);
+        return values(b)[d % kValues] * ggml_fp16_to_fp32(scale(b));
     }
 #if PSE_AVX2
     // d is a multiple of 8: the 8 values lie in one block.
     static __m256 load8(const char * row, int d) {
-        const char * block = row + (size_t) (d / kValues) * kBytes;
-        ggml_fp16_t scale;
-        std::memcpy(&scale, block, sizeof(scale));
-        const __m128i q = _mm_loadl_epi64((const __m128i *) (block + sizeof(scale) + d % kValues));
-        return _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(q)), _mm256_set1_ps(_cvtsh_ss(scale)));
+        const char * b = block(row, d);
+        return widen8(values(b) + d % kValues, _mm256_set1_ps(_cvtsh_ss(scale(b))));
+    }
+    static __m256 widen8(const int8_t * q, __m256 scales) {
+        const __m128i q8 = _mm_loadl_epi64((const __m128i *) q);
+        return _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(q8)), scales);
     }
 #endif
     void operator()(float * dst, const char * src, int n) const {
+        for (int i = 0; i < n; i += kValues) {
+            const char * b = src + (size_t) (i / kValues) * kBytes;
 #if PSE_AVX2
-        for (int i = 0; i < n; i += 8) _mm256_storeu_ps(dst + i, load8(src, i));
+            const __m256 scales = _mm256_set1_ps(_cvtsh_ss(scale(b)));
+            for (int j = 0; j < kValues; j += 8) _mm256_storeu_ps(dst + i + j, widen8(values(b) + j, scales));
 #else
-        for (int i = 0; i < n; ++i) dst[i] = value(src, i);
+            const float d = ggml_fp16_to_fp32(scale(b));
+            for (int j = 0; j < kValues; ++j) dst[i + j] = values(b)[j] * d;
 #endif
+        }
     }
 };
 
@@ -135,6 +149,22 @@ inline void scores_tile(const float * qT, int NR, int r0, const float * k, int l
         for (int v = 0; v < NV; ++v) _mm256_storeu_ps(s + (size_t) (b0 + b) * NR + r0 + 8 * v, acc[b][v]);
 }
 
+// NX vectors of 8 values of a row from value d on. A q8_0 block (NX = 4, d a multiple of 32) has its
+// scale read once, where 4 load8 calls would read it 4 times (the compiler cannot know that they
+// fall in one block).
+template <int NX, typename Rows>
+inline void load_values(const char * row, int d, __m256 * out) {
+    if constexpr (std::is_same_v<Rows, q8_0_rows> && NX * 8 == q8_0_rows::kValues) {
+        const char * b = q8_0_rows::block(row, d);
+        const __m256 scales = _mm256_set1_ps(_cvtsh_ss(q8_0_rows::scale(b)));
+        PSE_UNROLL
+        for (int x = 0; x < NX; ++x) out[x] = q8_0_rows::widen8(q8_0_rows::values(b) + 8 * x, scales);
+    } else {
+        PSE_UNROLL
+        for (int x = 0; x < NX; ++x) out[x] = Rows::load8(row, d + 8 * x);
+    }
+}
+
 // o[r0 + r][d0 .. d0 + 8 NX] += sum_b p_b,r0+r * v[b][d0 ..] for MR rows, over nb keys (value row b
 // at v + b * ld bytes, read by VRows; p_b,r at p + b * pb_stride + r * pr_stride, for either layout).
 template <int MR, int NX, typename VRows>
@@ -147,8 +177,7 @@ inline void accumulate_tile(float * o, int D, int r0, int d0, const float * p, s
         for (int x = 0; x < NX; ++x) acc[r][x] = _mm256_loadu_ps(o + (size_t) (r0 + r) * D + d0 + 8 * x);
     for (int b = 0; b < nb; ++b) {
         __m256 vv[NX];
-        PSE_UNROLL
-        for (int x = 0; x < NX; ++x) vv[x] = VRows::load8(v + b * ld, d0 + 8 * x);
+        load_values<NX, VRows>(v + b * ld, d0, vv);
         PSE_UNROLL
         for (int r = 0; r < MR; ++r) {
             const __m256 pb = _mm256_broadcast_ss(p + b * pb_stride + (r0 + r) * pr_stride);
@@ -236,16 +265,17 @@ inline void transpose_block<q8_0_rows>(const char * src, size_t ld, int nb, floa
     int b0 = 0;
     for (; b0 + 8 <= nb; b0 += 8) {
         for (int blk = 0; blk < D / Q::kValues; ++blk) {
-            const char * row[8];
+            const int8_t * q[8];
             alignas(16) ggml_fp16_t scale[8];
             for (int i = 0; i < 8; ++i) {
-                row[i] = src + (size_t) (b0 + i) * ld + (size_t) blk * Q::kBytes;
-                std::memcpy(&scale[i], row[i], sizeof(ggml_fp16_t));
+                const char * b = Q::block(src + (size_t) (b0 + i) * ld, blk * Q::kValues);
+                scale[i] = Q::scale(b);
+                q[i] = Q::values(b);
             }
-            const __m256 d = _mm256_cvtph_ps(_mm_load_si128((const __m128i *) scale));
+            const __m256 scales = _mm256_cvtph_ps(_mm_load_si128((const __m128i *) scale));
             for (int j = 0; j < Q::kValues; j += 8) {
                 __m128i r[8];
-                for (int i = 0; i < 8; ++i) r[i] = _mm_loadl_epi64((const __m128i *) (row[i] + sizeof(ggml_fp16_t) + j));
+                for (int i = 0; i < 8; ++i) r[i] = _mm_loadl_epi64((const __m128i *) (q[i] + j));
                 // pairs of rows interleaved byte by byte, then 2 bytes at a time, then 4: each
                 // register ends with two columns of 8 keys (columns 2c and 2c + 1 in cols[c])
                 const __m128i a0 = _mm_unpacklo_epi8(r[0], r[1]), a1 = _mm_unpacklo_epi8(r[2], r[3]);
@@ -258,8 +288,8 @@ inline void transpose_block<q8_0_rows>(const char * src, size_t ld, int nb, floa
                 for (int c = 0; c < 4; ++c) {
                     const __m256 lo = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(cols[c]));
                     const __m256 hi = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_unpackhi_epi64(cols[c], cols[c])));
-                    _mm256_storeu_ps(out + (size_t) (2 * c) * kBlock, _mm256_mul_ps(lo, d));
-                    _mm256_storeu_ps(out + (size_t) (2 * c + 1) * kBlock, _mm256_mul_ps(hi, d));
+                    _mm256_storeu_ps(out + (size_t) (2 * c) * kBlock, _mm256_mul_ps(lo, scales));
+                    _mm256_storeu_ps(out + (size_t) (2 * c + 1) * kBlock, _mm256_mul_ps(hi, scales));
                 }
             }
         }
@@ -477,8 +507,9 @@ void block_softmax(tile_state & ts, float * s, int nbp) {
 }
 
 // One block of keys for every KV head, in f32: K rotated to grouped positions, neighbor keys, and V,
-// [kBlock][n_head_kv * D]. A token's heads lie side by side in the cache, so converting a block for
-// every head at once reads the cache as one stream, where one head at a time would read a stride.
+// [kBlock][n_head_kv * D] (with keys in lanes, only the neighbor keys: K goes to kgT and V is read
+// in place). A token's heads lie side by side in the cache, so converting a block for every head
+// at once reads the cache as one stream, where one head at a time would read a stride.
 struct block_rows {
     int ld = 0;                // n_head_kv * D: from one key's row to the next
     std::vector<float> kg, kn, v;
@@ -518,13 +549,9 @@ void load_block(block_rows & br, const cache_rows & c, int n_head_kv, int D, int
     br.nbp = nbp;
     br.any_grp = sees_grouped(j0, i_max, W);
     br.any_nb = j_last > i_min - W && j0 <= i_max;
-    // Keys in lanes: K goes from the cache straight to its transposed block, V stays where it is
-    // (see block_rows); both are widened to f32 as they are read, whatever the cache type.
-#if PSE_AVX2
+    // Keys in lanes (an AVX2 layout): K goes from the cache straight to its transposed block, V
+    // stays where it is (see block_rows); both are widened to f32 as they are read.
     const bool direct = transpose;
-#else
-    const bool direct = false;
-#endif
     br.v_direct = direct ? c.v + (size_t) j0 * c.v_stride : nullptr;
     br.v_ld = c.v_stride;
     br.v_head = c.v_head;
@@ -541,17 +568,19 @@ void load_block(block_rows & br, const cache_rows & c, int n_head_kv, int D, int
             if (!direct) v_row(br.v.data() + at, c.v + (size_t) j * c.v_stride + g * c.v_head, D);
         }
     }
-    for (auto * buf : {&br.kg, &br.kn}) std::fill(buf->begin() + (size_t) nb * br.ld, buf->begin() + (size_t) nbp * br.ld, 0.0f);
+    auto zero_tail = [&](std::vector<float> & buf) {  // keys nb .. nbp
+        std::fill(buf.begin() + (size_t) nb * br.ld, buf.begin() + (size_t) nbp * br.ld, 0.0f);
+    };
+    zero_tail(br.kn);
+    if (!direct) zero_tail(br.kg);
 #if PSE_AVX2
-    for (int g = 0; transpose && g < n_head_kv; ++g) {
+    for (int g = 0; direct && g < n_head_kv; ++g) {
         const size_t col = (size_t) g * D, head = (size_t) g * D * kBlock;
         if (br.any_grp)
             transpose_block<KRows>(c.k + (size_t) j0 * c.k_stride + g * c.k_head, c.k_stride, nb, br.kgT.data() + head, D, nbp);
         if (br.any_nb)
             transpose_block<f32_rows>((const char *) (br.kn.data() + col), br.ld * sizeof(float), nbp, br.knT.data() + head, D, nbp);
     }
-#else
-    (void) transpose;  // keys in lanes is an AVX2 layout
 #endif
 }
 

@@ -25,7 +25,7 @@ struct selfextend_op_params {
 int32_t selfextend_choose_chunks(int32_t n_tokens, int32_t n_kv, int n_threads);
 
 // q_n, q_g: [D, n_head, T] f32, rotated to the neighbor / grouped query positions.
-// k, v:     [D, n_head_kv, >= n_past + T] views of the cache (f16 or f32); k rotated to grouped
+// k, v:     [D, n_head_kv, >= n_past + T] views of the cache (f16, f32 or q8_0); k rotated to grouped
 //           positions; rows from n_past + T on are not read.
 // k_nb:     keys rotated to their own positions: [D, n_head_kv, ring_size] ring, or rows nb_lo.. .
 // Returns [D, n_head, T] f32. `params` must stay alive until the graph has been computed.
