@@ -3,10 +3,10 @@
 Every engine gets the same model file, thread count and random tokens. Each engine runs in its own
 process, so that its peak resident memory (RSS) is its own, and the engines take turns: each
 repetition measures every engine once, in a rotating order, so that a slow spell of the machine
-falls on all of them alike. At each depth d the cache is first filled to d tokens (untimed;
-depths are visited in increasing order and each fill continues the last); prefill is one batch
-of --n-prompt tokens after them, decode is --n-gen single tokens after them; each is repeated
-and the median reported.
+falls on all of them alike. At each depth d the cache is first filled to d tokens (once, timed
+apart: depths are visited in increasing order and each fill continues the last, so the fills
+add up to the time to read a document from empty); prefill is one batch of --n-prompt tokens
+after them, decode is --n-gen single tokens after them; each is repeated and the median reported.
 
 Engines:
   selfextend     pyselfextend as a user gets it for a context of (deepest depth + prefill) tokens:
@@ -52,6 +52,12 @@ ENGINES = ["selfextend", "ordinary", "llama.cpp-fa", "llama.cpp"]
 LLAMA_BENCH_ENGINES = ["llama-bench-fa", "llama-bench"]
 
 
+def batch_size(n_prompt: int) -> int:
+    """The batch every engine fills its cache and prefills with: 512 tokens, or the whole prompt
+    in one batch if it is longer."""
+    return max(512, n_prompt)
+
+
 class _Worker:
     """One engine in a process of its own, measuring on request (``python -m pyselfextend.bench --worker``).
 
@@ -95,7 +101,7 @@ def _serve_worker(engine: str, path: str, threads: int, cache_type: str, n_ctx: 
     from . import _engine
     from .context import plan_context
 
-    n_batch = max(512, n_prompt)
+    n_batch = batch_size(n_prompt)
     model = _engine.Model(path)
     info: Dict = {}
     if engine == "selfextend":
@@ -124,7 +130,7 @@ def _serve_worker(engine: str, path: str, threads: int, cache_type: str, n_ctx: 
         if op == "done":
             answer({"peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024})  # Linux: KiB
             return
-        if op == "fill":  # untimed for the report; continues from the cache's current length
+        if op == "fill":  # continues from the cache's current length; timed apart from prefill and decode
             eng.truncate(min(eng.n_past, depth))
             t0 = time.perf_counter()
             for start in range(eng.n_past, depth, n_batch):
@@ -180,7 +186,7 @@ def _measure(engines: List[Tuple[str, str, str]], path: str, threads: int, depth
 def _run_llama_bench(binary: str, path: str, threads: int, cache_type: str, depths: List[int], n_prompt: int,
                      n_gen: int, reps: int, flash_attn: List[bool], log: Callable[[str], None]) -> Dict[str, Dict]:
     """llama.cpp's llama-bench with the same settings; results shaped as _measure's."""
-    n_batch = max(512, n_prompt)
+    n_batch = batch_size(n_prompt)
     cmd = [binary, "-m", path, "-p", str(n_prompt), "-n", str(n_gen), "-d", ",".join(map(str, depths)),
            "-t", str(threads), "-b", str(n_batch), "-ub", str(n_batch), "-ctk", cache_type, "-ctv", cache_type,
            "-fa", ",".join("1" if fa else "0" for fa in flash_attn), "-r", str(reps), "-o", "json", "--progress"]
@@ -337,6 +343,18 @@ def _report(results: Dict[str, Dict], *, path: str, threads: int, cache_type: st
     return report
 
 
+def read_times(report: Dict[str, object]) -> Dict[str, Dict[str, float]]:
+    """A single-type report's times to read a document from empty: for each depth past 0, the
+    seconds of each engine that timed its fills (llama-bench does not)."""
+    engines: Dict[str, Dict] = report["engines"]
+    out = {}
+    for d in next(iter(engines.values()))["depths"]:
+        reads = {e: r["depths"][d]["read_seconds"] for e, r in engines.items() if "read_seconds" in r["depths"][d]}
+        if int(d) > 0 and reads:
+            out[d] = reads
+    return out
+
+
 def format_report(report: Dict[str, object]) -> str:
     """``run_bench``'s report as the table ``pyselfextend bench`` prints; with several cache
     types, a table per type and then each later type against the first, engine by engine."""
@@ -374,11 +392,9 @@ def format_report(report: Dict[str, object]) -> str:
                 lines.append(f"{d:>7}  {base + ' ' + label:<14} {r[f'prefill_{key}']:>8.2f}x {r[f'decode_{key}']:>8.2f}x")
     lines.append("peak RSS: " + ", ".join(f"{e} {r['peak_rss_bytes'] / 2**20:.0f} MiB" for e, r in engines.items()
                                           if r["peak_rss_bytes"] is not None))
-    for d in depths:
-        reads = [(e, r["depths"][d]["read_seconds"]) for e, r in engines.items() if "read_seconds" in r["depths"][d]]
-        if int(d) > 0 and reads:
-            lines.append(f"time to read {d} tokens from empty (batches of {max(512, int(report['n_prompt']))}): "
-                         + ", ".join(f"{e} {sec:.1f} s" for e, sec in reads))
+    for d, reads in read_times(report).items():
+        lines.append(f"time to read {d} tokens from empty (batches of {batch_size(int(report['n_prompt']))}): "
+                     + ", ".join(f"{e} {sec:.1f} s" for e, sec in reads.items()))
     for e, r in engines.items():
         if "group_size" in r and r["group_size"] > 1:
             lines.append(f"{e}: group_size={r['group_size']} window={r['window']}")

@@ -334,6 +334,8 @@ def _perplexity_section(r: Dict[str, object], L: int, threads: str) -> List[str]
 
 
 def _bench_section(r: Dict[str, object], threads: str) -> List[str]:
+    from .bench import batch_size
+
     if "bench" not in r:
         return []
     b = r["bench"]
@@ -341,7 +343,9 @@ def _bench_section(r: Dict[str, object], threads: str) -> List[str]:
     depths = list(next(iter(engines.values()))["depths"])
     roof = b.get("roofline")
     lines = ["## Speed and memory against llama.cpp", "",
-             (f"Measured on {b['date']} on {b['machine']}, as the run's first step. " if b.get("machine") else "")
+             # said only where it differs from the page's header (a resumed run)
+             (f"Measured on {b['date']} on {b['machine']}. "
+              if b.get("machine") and (b["machine"], b["date"]) != (r["machine"], r["date"]) else "")
              + f"Tokens/s, prefill / decode: prefill is one batch of {b['n_prompt']} tokens after DEPTH cached "
              f"tokens, decode is {b['n_gen']} tokens one at a time after them; median of {b['repetitions']}. "
              "Every engine runs the same model file, thread count and tokens, in its own process. "
@@ -375,9 +379,9 @@ def _bench_section(r: Dict[str, object], threads: str) -> List[str]:
     reads = _read_times(b)
     if reads:
         lines += [f"Time to read a document from empty (the fills before each depth, batches of "
-                  f"{max(512, int(b['n_prompt']))}): " + "; ".join(
+                  f"{batch_size(int(b['n_prompt']))}): " + "; ".join(
                       f"{d} tokens " + ", ".join(f"{e} {sec:.1f} s" for e, sec in times.items())
-                      + (f" (selfextend {ratio:.2f}x the faster llama.cpp)" if ratio else "")
+                      + (f" (selfextend reads {ratio:.2f}x as fast as the faster llama.cpp)" if ratio else "")
                       for d, (times, ratio) in reads.items()) + ".", ""]
     lines += ["The same run alone:", "", "```",
               f"pyselfextend bench --depths {','.join(size_label(int(d)) if int(d) else '0' for d in depths)} "
@@ -386,14 +390,12 @@ def _bench_section(r: Dict[str, object], threads: str) -> List[str]:
 
 
 def _read_times(b: Dict[str, object]) -> Dict[str, tuple]:
-    """For each depth past 0: every engine's seconds to read that many tokens from empty, and
-    selfextend's speed-up over the faster llama.cpp (None without both)."""
-    engines = b["engines"]
+    """For each depth past 0: every engine's seconds to read that many tokens from empty, and how
+    many times as fast selfextend read them as the faster llama.cpp (None without both)."""
+    from .bench import read_times
+
     out = {}
-    for d in next(iter(engines.values()))["depths"]:
-        times = {e: r["depths"][d]["read_seconds"] for e, r in engines.items() if "read_seconds" in r["depths"][d]}
-        if int(d) == 0 or not times:
-            continue
+    for d, times in read_times(b).items():
         llamas = [times[e] for e in ("llama.cpp-fa", "llama.cpp") if e in times]
         out[d] = (times, min(llamas) / times["selfextend"] if llamas and "selfextend" in times else None)
     return out
@@ -446,7 +448,7 @@ def _summary(r: Dict[str, object], L: int) -> List[str]:
             lines.append(f"- Perplexity, {n}: {what}.")
     b = r.get("bench")
     if b and b.get("ratios"):
-        depths = [d for d in b["ratios"] if d.isdigit()]
+        depths = [d for d, q in b["ratios"].items() if d.isdigit() and "prefill_vs_best_llama.cpp" in q]
         rss = next((v for k, v in b["ratios"].items() if k.startswith("peak_rss")), None)
         if depths:
             lines.append("- Speed against the better llama.cpp (flash attention on or off), SelfExtend prefill / "
@@ -456,7 +458,7 @@ def _summary(r: Dict[str, object], L: int) -> List[str]:
                          + (f"; peak memory {rss:.2f}x llama.cpp's with flash attention." if rss else "."))
         reads = {d: ratio for d, (_, ratio) in _read_times(b).items() if ratio}
         if reads:
-            lines.append("- Reading a document from empty, SelfExtend against the faster llama.cpp: "
+            lines.append("- Reading a document from empty, SelfExtend's speed over the faster llama.cpp's: "
                          + ", ".join(f"{ratio:.2f}x at {d} tokens" for d, ratio in reads.items()) + ".")
     return lines + [""]
 

@@ -44,7 +44,22 @@ def test_evaluate_writes_the_results_page(tiny_model, tmp_path):
     se = bench["engines"]["selfextend"]["depths"]["256"]
     assert f"{se['attention_gflops']:.1f} GFLOP/s, {se['cache_gb_per_s']:.2f} GB/s" in page
     assert f"256 tokens selfextend {se['read_seconds']:.1f} s" in page
-    assert "at depth 256" in page and "Reading a document from empty" in page
+    reads = {e: bench["engines"][e]["depths"]["256"]["read_seconds"] for e in ("llama.cpp-fa", "llama.cpp")}
+    assert f"{min(reads.values()) / se['read_seconds']:.2f}x at 256 tokens" in page  # a speed-up: llama's time / ours
+    assert "at depth 256" in page
+
+
+def test_results_page_takes_a_bench_without_its_newer_fields():
+    # A results.json of an earlier version: no roofline, GFLOP/s or read times; only our engines.
+    from pyselfextend.evaluate import render_markdown
+
+    depth = {"prefill": 100.0, "decode": 20.0}
+    bench = {"n_prompt": 512, "n_gen": 128, "repetitions": 2, "date": "2026-01-01", "ratios": {},
+             "engines": {e: {"peak_rss_bytes": 2**20, "depths": {"0": depth, "4096": depth}}
+                         for e in ("selfextend", "ordinary")}}
+    page = render_markdown(dict(_report_with(6.5, 60.0), bench=bench))
+    assert "| 4096 | 100.0 / 20.0 | 100.0 / 20.0 |  |" in page
+    assert "machine's limits" not in page and "from empty" not in page and "Speed against" not in page
 
 
 def _report_with(selfextend_past: float, ordinary_past: float) -> dict:
