@@ -79,14 +79,21 @@ struct q8_0_rows {
         const __m128i q8 = _mm_loadl_epi64((const __m128i *) q);
         return _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(q8)), scales);
     }
+    // The whole block from value d on (d a multiple of 32), its scale read once.
+    static void load32(const char * row, int d, __m256 out[4]) {
+        const char * b = block(row, d);
+        const __m256 scales = _mm256_set1_ps(_cvtsh_ss(scale(b)));
+        for (int x = 0; x < 4; ++x) out[x] = widen8(values(b) + 8 * x, scales);
+    }
 #endif
     void operator()(float * dst, const char * src, int n) const {
         for (int i = 0; i < n; i += kValues) {
-            const char * b = src + (size_t) (i / kValues) * kBytes;
 #if PSE_AVX2
-            const __m256 scales = _mm256_set1_ps(_cvtsh_ss(scale(b)));
-            for (int j = 0; j < kValues; j += 8) _mm256_storeu_ps(dst + i + j, widen8(values(b) + j, scales));
+            __m256 v[4];
+            load32(src, i, v);
+            for (int x = 0; x < 4; ++x) _mm256_storeu_ps(dst + i + 8 * x, v[x]);
 #else
+            const char * b = block(src, i);
             const float d = ggml_fp16_to_fp32(scale(b));
             for (int j = 0; j < kValues; ++j) dst[i + j] = values(b)[j] * d;
 #endif
@@ -155,10 +162,7 @@ inline void scores_tile(const float * qT, int NR, int r0, const float * k, int l
 template <int NX, typename Rows>
 inline void load_values(const char * row, int d, __m256 * out) {
     if constexpr (std::is_same_v<Rows, q8_0_rows> && NX * 8 == q8_0_rows::kValues) {
-        const char * b = q8_0_rows::block(row, d);
-        const __m256 scales = _mm256_set1_ps(_cvtsh_ss(q8_0_rows::scale(b)));
-        PSE_UNROLL
-        for (int x = 0; x < NX; ++x) out[x] = q8_0_rows::widen8(q8_0_rows::values(b) + 8 * x, scales);
+        q8_0_rows::load32(row, d, out);
     } else {
         PSE_UNROLL
         for (int x = 0; x < NX; ++x) out[x] = Rows::load8(row, d + 8 * x);

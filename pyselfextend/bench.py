@@ -52,6 +52,16 @@ ENGINES = ["selfextend", "ordinary", "llama.cpp-fa", "llama.cpp"]
 LLAMA_BENCH_ENGINES = ["llama-bench-fa", "llama-bench"]
 
 
+def _ours(engines: Sequence[str]) -> str:
+    """The engine the ratios are of: selfextend, or ordinary in a run without it."""
+    return "selfextend" if "selfextend" in engines else "ordinary"
+
+
+def _llamas(engines: Sequence[str]) -> List[str]:
+    """The llama.cpp engines that took turns with ours: the ratios are against the faster."""
+    return [e for e in ("llama.cpp-fa", "llama.cpp") if e in engines]
+
+
 def batch_size(n_prompt: int) -> int:
     """The batch every engine fills its cache and prefills with: 512 tokens, or the whole prompt
     in one batch if it is longer."""
@@ -320,10 +330,10 @@ def _report(results: Dict[str, Dict], *, path: str, threads: int, cache_type: st
             **({"group_size": r["group_size"], "window": r["window"]} if "group_size" in r else {}),
             "depths": depth_report,
         }
-    base = "selfextend" if "selfextend" in results else "ordinary"
+    base = _ours(results)
     # The ratios' baseline is the faster llama.cpp engine that took turns with ours; llama-bench,
     # which runs at another time, gets ratios of its own.
-    llamas = [e for e in ("llama.cpp-fa", "llama.cpp") if e in results]
+    llamas = _llamas(results)
     llama_benches = [e for e in LLAMA_BENCH_ENGINES if e in results]
     if base in results and (llamas or llama_benches):
         for d in map(str, depths):
@@ -343,15 +353,17 @@ def _report(results: Dict[str, Dict], *, path: str, threads: int, cache_type: st
     return report
 
 
-def read_times(report: Dict[str, object]) -> Dict[str, Dict[str, float]]:
+def read_times(report: Dict[str, object]) -> Dict[str, Tuple[Dict[str, float], Optional[float]]]:
     """A single-type report's times to read a document from empty: for each depth past 0, the
-    seconds of each engine that timed its fills (llama-bench does not)."""
+    seconds of each engine that timed its fills (llama-bench does not), and how many times as fast
+    as the faster llama.cpp ours read it (None without both)."""
     engines: Dict[str, Dict] = report["engines"]
     out = {}
     for d in next(iter(engines.values()))["depths"]:
         reads = {e: r["depths"][d]["read_seconds"] for e, r in engines.items() if "read_seconds" in r["depths"][d]}
         if int(d) > 0 and reads:
-            out[d] = reads
+            llamas, ours = [reads[e] for e in _llamas(reads)], reads.get(_ours(reads))
+            out[d] = (reads, min(llamas) / ours if llamas and ours else None)
     return out
 
 
@@ -371,7 +383,7 @@ def format_report(report: Dict[str, object]) -> str:
     roof, threads = report["roofline"], report["threads"]
     engines: Dict[str, Dict] = report["engines"]
     depths = list(next(iter(engines.values()))["depths"])
-    base = "selfextend" if "selfextend" in engines else "ordinary"
+    base = _ours(engines)
     lines = [f"model {report['model']}",
              f"{threads} threads, {report['cache_type']} KV cache; median of {report['repetitions']}; prefill = "
              f"{report['n_prompt']} tokens in one batch after DEPTH cached tokens, decode = {report['n_gen']} tokens one "
@@ -392,9 +404,10 @@ def format_report(report: Dict[str, object]) -> str:
                 lines.append(f"{d:>7}  {base + ' ' + label:<14} {r[f'prefill_{key}']:>8.2f}x {r[f'decode_{key}']:>8.2f}x")
     lines.append("peak RSS: " + ", ".join(f"{e} {r['peak_rss_bytes'] / 2**20:.0f} MiB" for e, r in engines.items()
                                           if r["peak_rss_bytes"] is not None))
-    for d, reads in read_times(report).items():
+    for d, (reads, speedup) in read_times(report).items():
         lines.append(f"time to read {d} tokens from empty (batches of {batch_size(int(report['n_prompt']))}): "
-                     + ", ".join(f"{e} {sec:.1f} s" for e, sec in reads.items()))
+                     + ", ".join(f"{e} {sec:.1f} s" for e, sec in reads.items())
+                     + (f" ({base} reads {speedup:.2f}x as fast as the faster llama.cpp)" if speedup else ""))
     for e, r in engines.items():
         if "group_size" in r and r["group_size"] > 1:
             lines.append(f"{e}: group_size={r['group_size']} window={r['window']}")

@@ -334,7 +334,7 @@ def _perplexity_section(r: Dict[str, object], L: int, threads: str) -> List[str]
 
 
 def _bench_section(r: Dict[str, object], threads: str) -> List[str]:
-    from .bench import batch_size
+    from .bench import batch_size, read_times
 
     if "bench" not in r:
         return []
@@ -376,7 +376,7 @@ def _bench_section(r: Dict[str, object], threads: str) -> List[str]:
                 f"{e['depths'][d]['attention_gflops']:.1f} GFLOP/s, {e['depths'][d]['cache_gb_per_s']:.2f} GB/s"
                 for e in engines.values()) + " |")
         lines.append("")
-    reads = _read_times(b)
+    reads = read_times(b)
     if reads:
         lines += [f"Time to read a document from empty (the fills before each depth, batches of "
                   f"{batch_size(int(b['n_prompt']))}): " + "; ".join(
@@ -387,18 +387,6 @@ def _bench_section(r: Dict[str, object], threads: str) -> List[str]:
               f"pyselfextend bench --depths {','.join(size_label(int(d)) if int(d) else '0' for d in depths)} "
               f"--repetitions {b['repetitions']}{threads}", "```", ""]
     return lines
-
-
-def _read_times(b: Dict[str, object]) -> Dict[str, tuple]:
-    """For each depth past 0: every engine's seconds to read that many tokens from empty, and how
-    many times as fast selfextend read them as the faster llama.cpp (None without both)."""
-    from .bench import read_times
-
-    out = {}
-    for d, times in read_times(b).items():
-        llamas = [times[e] for e in ("llama.cpp-fa", "llama.cpp") if e in times]
-        out[d] = (times, min(llamas) / times["selfextend"] if llamas and "selfextend" in times else None)
-    return out
 
 
 def _key_place(trial: Dict[str, object]) -> str:
@@ -446,6 +434,8 @@ def _summary(r: Dict[str, object], L: int) -> List[str]:
                                    f"bucket past {L} and {same['past'][-1]:.2g}x in the last." if same else "."))
         else:
             lines.append(f"- Perplexity, {n}: {what}.")
+    from .bench import read_times
+
     b = r.get("bench")
     if b and b.get("ratios"):
         depths = [d for d, q in b["ratios"].items() if d.isdigit() and "prefill_vs_best_llama.cpp" in q]
@@ -456,7 +446,7 @@ def _summary(r: Dict[str, object], L: int) -> List[str]:
                                                 f"{b['ratios'][d]['decode_vs_best_llama.cpp']:.2f}x at depth {d}"
                                                 for d in depths)
                          + (f"; peak memory {rss:.2f}x llama.cpp's with flash attention." if rss else "."))
-        reads = {d: ratio for d, (_, ratio) in _read_times(b).items() if ratio}
+        reads = {d: ratio for d, (_, ratio) in read_times(b).items() if ratio}
         if reads:
             lines.append("- Reading a document from empty, SelfExtend's speed over the faster llama.cpp's: "
                          + ", ".join(f"{ratio:.2f}x at {d} tokens" for d, ratio in reads.items()) + ".")

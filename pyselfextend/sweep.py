@@ -32,6 +32,7 @@ from typing import Callable, Dict, List, Mapping, Optional, Sequence, Tuple
 import numpy as np
 
 from .evaluate import size_label
+from .methods import names_in
 
 # (statement, question): the statement is planted with its number, the question ends just before it.
 FACTS: Tuple[Tuple[str, str], ...] = (
@@ -295,8 +296,6 @@ class Setting:
 
 def references_named(names: str) -> Tuple[str, ...]:
     """The reference families of a comma-separated list (``"ordinary,YaRN"``); ``"none"`` is none."""
-    from .methods import names_in
-
     return () if names.strip() == "none" else tuple(names_in(names, REFERENCES, "reference"))
 
 
