@@ -1,7 +1,6 @@
 """``pyselfextend serve``: a real server process on a loopback port, driven by the real ``openai`` client."""
 from __future__ import annotations
 
-import json
 import os
 import signal
 import subprocess
