@@ -119,9 +119,9 @@ struct q8_0_rows {
 // added key by key in the same order, so both layouts give the same bits.
 //
 // Measured on 2 AVX2 cores (a 2-layer model with SmolLM2's attention, 16k cached tokens):
-// converting K/V once per block for a tile of 16 tokens rather than 8 (and 32 rather than 16: 5%
-// faster prefill of SmolLM2 at 16k), and for every head at once (one stream through the cache),
-// mattered most; the accumulators must stay in registers.
+// converting K/V once per block for a tile of 16 tokens rather than 8 (and 32 rather than 16: a
+// further 5% in prefill), and for every head at once (one stream through the cache), mattered
+// most; the accumulators must stay in registers.
 
 // Loops of a fixed, small trip count over vector registers: unrolled early, so that GCC keeps
 // the accumulators in registers instead of storing them every iteration.
@@ -682,8 +682,9 @@ void selfextend_forward(ggml_tensor * dst, int ith, int nth, const selfextend_op
     for (int64_t item = ith; item < n_items; item += nth) {
         const int32_t c = (int32_t) (item % C);
         const int32_t t0 = (int32_t) (item / C) * kTile, t1 = std::min(T, t0 + kTile);
+        const bool few_rows = (t1 - t0) * R < kLanes;  // decoding: the R query heads of one token
 #if PSE_AVX2
-        const bool keys_in_lanes = (t1 - t0) * R < kLanes && D % 8 == 0;
+        const bool keys_in_lanes = few_rows && D % 8 == 0;
 #else
         const bool keys_in_lanes = false;
 #endif
@@ -722,9 +723,9 @@ void selfextend_forward(ggml_tensor * dst, int ith, int nth, const selfextend_op
             // Decoding: the next block's K (if some row sees it grouped) and V, head by head while
             // this one is worked on: all at once, the requests queue up and the core waits on them.
             // A prefill tile works long enough on a block for the hardware to fetch the next, and
-            // asking cost it 4% (perf, SmolLM2 shapes at 16k).
+            // asking made it 4% slower (the 2-layer model at 16k).
             const int32_t next = j0 + kBlock;
-            const int n_next = keys_in_lanes && next < hi ? std::min<int32_t>(kBlock, hi - next) : 0;
+            const int n_next = few_rows && next < hi ? std::min<int32_t>(kBlock, hi - next) : 0;
             for (int g = 0; g < n_head_kv; ++g) {
                 if (n_next > 0 && sees_grouped(next, i_max, W))
                     prefetch_rows(cache.k + g * cache.k_head, cache.k_stride, cache.k_head, next, n_next);

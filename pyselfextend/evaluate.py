@@ -24,6 +24,7 @@ import time
 from pathlib import Path
 from typing import Dict, List, Optional
 
+from .bench import batch_size, read_times, run_bench
 from .methods import METHODS, Method
 
 GNU_STANDARDS_DEB = "gnu-standards"
@@ -122,7 +123,6 @@ def run_evaluation(model: str, out: Path, lengths: List[int], depths: List[float
     are kept as they are and only the rest runs. ``minutes`` counts the time of every step kept."""
     from . import _engine
     from .baselines import open_method
-    from .bench import run_bench
     from .models import resolve_model
     from .passkey import passkey_keys, run_passkey
     from .perplexity import plot, summarize, token_nll
@@ -334,8 +334,6 @@ def _perplexity_section(r: Dict[str, object], L: int, threads: str) -> List[str]
 
 
 def _bench_section(r: Dict[str, object], threads: str) -> List[str]:
-    from .bench import batch_size, read_times
-
     if "bench" not in r:
         return []
     b = r["bench"]
@@ -434,8 +432,6 @@ def _summary(r: Dict[str, object], L: int) -> List[str]:
                                    f"bucket past {L} and {same['past'][-1]:.2g}x in the last." if same else "."))
         else:
             lines.append(f"- Perplexity, {n}: {what}.")
-    from .bench import read_times
-
     b = r.get("bench")
     if b and b.get("ratios"):
         depths = [d for d, q in b["ratios"].items() if d.isdigit() and "prefill_vs_best_llama.cpp" in q]
