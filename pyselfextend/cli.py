@@ -491,7 +491,8 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         baseline_lengths = list(itertools.takewhile(lambda n: n <= 16384, lengths)) or lengths[:1]
     run_evaluation(args.model, Path(args.out), lengths, args.depths, args.ppl_ctx,
                    args.bucket, args.bench_depths, args.threads, Path(args.document) if args.document else None,
-                   args.methods, bench=not args.no_bench, baseline_lengths=baseline_lengths, resume=args.resume)
+                   args.methods, bench=not args.no_bench, baseline_lengths=baseline_lengths, resume=args.resume,
+                   second_model=args.second_model, second_lengths=args.second_lengths)
     print(f"results written to {args.out}/results.md", file=sys.stderr)
     return 0
 
@@ -651,6 +652,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--methods", type=_listed(methods_named), default=",".join(METHODS), metavar="LIST",
                    help=f"methods to compare, of {', '.join(METHODS)} (default: all)")
     p.add_argument("--no-bench", action="store_true", help="skip the speed/memory benchmark")
+    p.add_argument("--second-model", default=None, metavar="NAME|PATH",
+                   help="a model of another family: passkey on it too, SelfExtend against ordinary attention")
+    p.add_argument("--second-lengths", type=parse_size_list, default=None, metavar="LIST",
+                   help="passkey lengths for --second-model (default 1.25 and 1.5 times its trained context)")
     _add_results_args(p, "results.md, results.json and the plot", "perplexity document", "steps", "results.json")
     p.set_defaults(func=cmd_evaluate)
 

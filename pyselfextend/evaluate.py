@@ -3,10 +3,11 @@
 Runs on one model: the speed and memory benchmark against llama.cpp (first, while the run has
 the machine to itself); passkey retrieval for SelfExtend and each baseline (ordinary attention,
 llama.cpp's group attention, YaRN) at several lengths and key depths; and perplexity by position
-over one long document for the same methods.
+over one long document for the same methods. With --second-model, passkey retrieval on a model of
+another family too, SelfExtend against ordinary attention, past that model's trained context.
 Writes results.json (after every step), perplexity.png and the page results.md into --out. With
 the defaults, SmolLM2-135M on two cores takes about two hours; --resume continues an interrupted
-run where it stopped.
+run where it stopped (every finished passkey trial is kept).
 
 The default document is the GNU Coding Standards (standards.info), English prose of about 60k
 tokens, from Debian's gnu-standards package (apt-get download gnu-standards); --document takes
@@ -102,6 +103,13 @@ def _earlier_run(path: Path, model: str, threads: Optional[int]) -> Optional[Dic
     return earlier
 
 
+def _machines(earlier: Optional[Dict[str, object]]) -> str:
+    """This machine, after the one(s) an earlier run that is resumed was measured on, if others."""
+    machine = describe_machine()
+    before = str((earlier or {}).get("machine") or "")
+    return machine if not before or machine in before else f"{before}, then {machine}"
+
+
 def run_command() -> Optional[str]:
     """The command line as the page shows it: --resume only continues the same run."""
     args = [a for a in sys.argv[1:] if a != "--resume"]
@@ -111,8 +119,13 @@ def run_command() -> Optional[str]:
 def run_evaluation(model: str, out: Path, lengths: List[int], depths: List[float], ppl_ctx: int, bucket: int,
                    bench_depths: List[int], threads: Optional[int], document: Optional[Path],
                    methods: List[Method], bench: bool = True,
-                   baseline_lengths: Optional[List[int]] = None, resume: bool = False) -> Dict[str, object]:
+                   baseline_lengths: Optional[List[int]] = None, resume: bool = False,
+                   second_model: Optional[str] = None, second_lengths: Optional[List[int]] = None) -> Dict[str, object]:
     """Runs everything and writes results.json (after every step), perplexity.png and results.md.
+
+    With ``second_model`` (a model of another family), passkey retrieval on it too, SelfExtend
+    against ordinary attention, at ``second_lengths`` (default: 1.25 and 1.5 times its trained
+    context) and the same depths.
 
     Passkey runs SelfExtend at ``lengths`` and the baselines at ``baseline_lengths`` (default: the
     same; they must be the first of ``lengths``), all with the keys of seed 0, hence the same
@@ -120,11 +133,11 @@ def run_evaluation(model: str, out: Path, lengths: List[int], depths: List[float
 
     With ``resume``, the steps that an earlier, interrupted run into ``out`` finished with the same
     settings (each method's passkey cells at one length, each method's perplexity, the benchmark)
-    are kept as they are and only the rest runs. ``minutes`` counts the time of every step kept."""
+    are kept as they are and only the rest runs; so is every passkey trial finished. ``minutes`` counts the time of every step kept."""
     from . import _engine
     from .baselines import open_method
     from .models import resolve_model
-    from .passkey import passkey_keys, run_passkey
+    from .passkey import passkey_keys
     from .perplexity import plot, summarize, token_nll
     from .progress import ProgressBar, log_line
 
@@ -140,12 +153,13 @@ def run_evaluation(model: str, out: Path, lengths: List[int], depths: List[float
     today = time.strftime("%Y-%m-%d")
     first_day = str(earlier["date"])[:10] if earlier else today
     report: Dict[str, object] = {"model": path, "date": today if first_day == today else f"{first_day} to {today}",
-                                 "threads": threads, "machine": describe_machine(), "command": run_command(),
+                                 "threads": threads, "machine": _machines(earlier), "command": run_command(),
                                  "n_ctx_train": _engine.Model(path).n_ctx_train, "passkey": {}, "perplexity": {},
                                  "resumed": int(earlier.get("resumed", 0)) + 1 if earlier else 0}
 
     def save() -> None:
         seconds = [float(t["seconds"]) for ts in report["passkey"].values() for t in ts]
+        seconds += [float(t["seconds"]) for ts in report.get("second_model", {}).get("passkey", {}).values() for t in ts]
         seconds += [float(p["seconds"]) for p in report["perplexity"].values()]
         seconds += [float(report["bench"]["seconds"])] if "bench" in report else []
         report["minutes"] = round(sum(seconds) / 60, 1)
@@ -167,18 +181,22 @@ def run_evaluation(model: str, out: Path, lengths: List[int], depths: List[float
         save()
 
     keys = passkey_keys(0, lengths, depths, 1)
-    for method in methods:
-        name = method.name
-        report["passkey"][name] = []
-        for n in lengths if name == "SelfExtend" else baseline_lengths:
-            kept = [t for t in (earlier or {}).get("passkey", {}).get(name, []) if t["target_length"] == n]
-            if sorted((float(t["depth"]), int(t["key"])) for t in kept) == sorted((d, keys[(n, d, 0)]) for d in depths):
-                log(f"passkey: {name} at {n}: kept from the earlier run")
-            else:
-                kept = run_passkey(path, [n], depths, trials=1, n_threads=threads, log=log, keys=keys,
-                                   show_progress=True, **method.options)
-            report["passkey"][name] += kept
-            save()
+    _passkey_steps(report["passkey"], (earlier or {}).get("passkey", {}), path, methods, lengths, baseline_lengths,
+                   depths, keys, threads, save)
+
+    if second_model:
+        # Another family at its own lengths past its own trained context: SelfExtend against
+        # ordinary attention on the same prompts.
+        second_path = str(resolve_model(second_model))
+        second_train = _engine.Model(second_path).n_ctx_train
+        second_lengths = second_lengths or [second_train * 5 // 4, second_train * 3 // 2]
+        kept_second = (earlier or {}).get("second_model") or {}
+        report["second_model"] = {"name": second_model, "model": second_path, "n_ctx_train": second_train,
+                                  "passkey": {}}
+        earlier_second = kept_second.get("passkey", {}) if kept_second.get("model") == second_path else {}
+        second_methods = [METHODS["SelfExtend"], METHODS["ordinary"]]
+        _passkey_steps(report["second_model"]["passkey"], earlier_second, second_path, second_methods, second_lengths,
+                       second_lengths, depths, passkey_keys(0, second_lengths, depths, 1), threads, save)
 
     doc = document or fetch_gnu_standards(Path.home() / ".cache" / "pyselfextend" / "documents" / "gnu-standards.txt")
     report["document"] = str(doc) if document else describe_gnu_standards(doc)
@@ -207,6 +225,36 @@ def run_evaluation(model: str, out: Path, lengths: List[int], depths: List[float
     return report
 
 
+def _passkey_steps(section: Dict[str, List[Dict[str, object]]], earlier: Dict[str, List[Dict[str, object]]],
+                   path: str, methods: List[Method], lengths: List[int], baseline_lengths: List[int],
+                   depths: List[float], keys: Dict, threads: Optional[int], save) -> None:
+    """Each method's passkey trials into ``section`` (SelfExtend at ``lengths``, the others at
+    ``baseline_lengths``), saved after every trial; the trials ``earlier`` finished with the same
+    keys are kept, not run again."""
+    from .passkey import run_passkey
+    from .progress import log_line
+
+    for method in methods:
+        name = method.name
+        section[name] = []
+        for n in lengths if name == "SelfExtend" else baseline_lengths:
+            before = list(section[name])
+            done = [t for t in earlier.get(name, []) if t["target_length"] == n]
+            if sorted((float(t["depth"]), int(t["key"])) for t in done) == sorted((d, keys[(n, d, 0)]) for d in depths):
+                log_line(f"passkey: {name} at {n}: kept from the earlier run")
+            elif done:
+                log_line(f"passkey: {name} at {n}: {len(done)} trials kept from the earlier run")
+
+            def progress(results: List[Dict[str, object]]) -> None:
+                section[name] = before + results
+                save()
+
+            section[name] = before + run_passkey(path, [n], depths, trials=1, n_threads=threads, log=log_line,
+                                                 keys=keys, show_progress=True, done=done, on_trial=progress,
+                                                 **method.options)
+            save()
+
+
 def _flags(name: str) -> str:
     """A method's flags on the command line (none for a name this version does not know)."""
     return METHODS[name].flags if name in METHODS else ""
@@ -224,17 +272,10 @@ def _passkey_cell(trial: Dict[str, object]) -> str:
     return f"missed: `{answer}`"
 
 
-def _passkey_section(r: Dict[str, object], L: int, threads: str) -> List[str]:
-    passkey: Dict[str, List[Dict[str, object]]] = r["passkey"]
-    if not passkey:
-        return []
+def _passkey_table(passkey: Dict[str, List[Dict[str, object]]], logprob: bool = False) -> List[str]:
+    """One row per method and length, a cell per depth (with the key's log P when ``logprob``)."""
     depths = sorted({float(t["depth"]) for ts in passkey.values() for t in ts})
-    lines = ["## Passkey retrieval", "",
-             "A random 5-digit key is hidden at a given depth of filler text (llama.cpp's passkey wording), "
-             "then asked for; the model answers by greedy decoding (16 tokens) and a trial counts as found "
-             "when the first number of the answer is the key. Keys come from seed 0, so every method sees "
-             "the very same prompt at a given length and depth. One trial per cell.", "",
-             "| method | tokens | settings | " + " | ".join(f"depth {d:g}" for d in depths) + " | found |",
+    lines = ["| method | tokens | settings | " + " | ".join(f"depth {d:g}" for d in depths) + " | found |",
              "| --- | --- | --- |" + " --- |" * (len(depths) + 1)]
     for name, trials in passkey.items():
         for n in sorted({int(t["target_length"]) for t in trials}):
@@ -245,9 +286,23 @@ def _passkey_section(r: Dict[str, object], L: int, threads: str) -> List[str]:
             cells = []
             for d in depths:
                 ts = [t for t in row if float(t["depth"]) == d]
-                cells.append("; ".join(_passkey_cell(t) for t in ts) or "")
+                cells.append("; ".join(_passkey_cell(t) + (f", log P {float(t['key_logprob']):.2f}" if logprob else "")
+                                       for t in ts))
             lines.append(f"| {name} | {row[0]['length']} | {settings} | " + " | ".join(cells)
                          + f" | {sum(bool(t['ok']) for t in row)}/{len(row)} |")
+    return lines
+
+
+def _passkey_section(r: Dict[str, object], L: int, threads: str) -> List[str]:
+    passkey: Dict[str, List[Dict[str, object]]] = r["passkey"]
+    if not passkey:
+        return []
+    depths = sorted({float(t["depth"]) for ts in passkey.values() for t in ts})
+    lines = ["## Passkey retrieval", "",
+             "A random 5-digit key is hidden at a given depth of filler text (llama.cpp's passkey wording), "
+             "then asked for; the model answers by greedy decoding (16 tokens) and a trial counts as found "
+             "when the first number of the answer is the key. Keys come from seed 0, so every method sees "
+             "the very same prompt at a given length and depth. One trial per cell.", ""] + _passkey_table(passkey)
     lines += ["", "Seconds per trial (prompt processing plus answer): " + "; ".join(
         f"{name} {min(t['seconds'] for t in ts):.0f}-{max(t['seconds'] for t in ts):.0f} s"
         for name, ts in passkey.items()) + ".", "", "The same runs one method at a time:", "", "```"]
@@ -255,6 +310,40 @@ def _passkey_section(r: Dict[str, object], L: int, threads: str) -> List[str]:
         lengths = ",".join(size_label(n) for n in sorted({int(t["target_length"]) for t in trials}))
         lines.append(f"pyselfextend passkey --lengths {lengths} --depths {','.join(f'{d:g}' for d in depths)} "
                      f"--seed 0{_flags(name)}{threads}")
+    return lines + ["```", ""]
+
+
+def _paired_gain(passkey: Dict[str, List[Dict[str, object]]]) -> Optional[tuple]:
+    """SelfExtend's log P(key) minus ordinary attention's, trial by trial on the same prompts: the
+    mean, its 95% interval and the number of pairs (None without pairs)."""
+    from .stats import mean_interval
+
+    other = {(t["target_length"], t["depth"], t["key"]): float(t["key_logprob"]) for t in passkey.get("ordinary", [])}
+    gains = [float(t["key_logprob"]) - other[(t["target_length"], t["depth"], t["key"])]
+             for t in passkey.get("SelfExtend", []) if (t["target_length"], t["depth"], t["key"]) in other]
+    return (*mean_interval(gains), len(gains)) if gains else None
+
+
+def _second_model_section(r: Dict[str, object], threads: str) -> List[str]:
+    second = r.get("second_model")
+    if not second or not second["passkey"]:
+        return []
+    passkey = second["passkey"]
+    depths = sorted({float(t["depth"]) for ts in passkey.values() for t in ts})
+    lines = [f"## A second model family: {Path(str(second['model'])).name}", "",
+             f"Its trained context is {second['n_ctx_train']} tokens. The same passkey test (seed 0, the same depths, "
+             "its own tokenizer) at lengths past that, SelfExtend against ordinary attention on the same prompts; "
+             "beside each answer the log-probability (nats) of the key's tokens right after the question, "
+             "teacher-forced (0 is certainty, a random 5-digit number about -11.5).", ""] + _passkey_table(passkey, True)
+    gain = _paired_gain(passkey)
+    if gain:
+        lines += ["", f"SelfExtend's log P(key) minus ordinary attention's, trial by trial: {gain[0]:+.2f} "
+                      f"(95% {gain[1]:+.2f} to {gain[2]:+.2f}) over {gain[3]} trials."]
+    lines += ["", "The same runs one method at a time:", "", "```"]
+    for name, trials in passkey.items():
+        lengths = ",".join(size_label(n) for n in sorted({int(t["target_length"]) for t in trials}))
+        lines.append(f"pyselfextend passkey -m {second.get('name') or second['model']} --lengths {lengths} "
+                     f"--depths {','.join(f'{d:g}' for d in depths)} --seed 0{_flags(name)}{threads}")
     return lines + ["```", ""]
 
 
@@ -422,6 +511,16 @@ def _summary(r: Dict[str, object], L: int) -> List[str]:
             if name != "SelfExtend":
                 lines.append(f"- Passkey, {name} on the same prompts: found {sum(bool(t['ok']) for t in ts)}"
                              f"/{len(ts)}.")
+    second = r.get("second_model")
+    if second and second["passkey"]:
+        ts = [t for trials in second["passkey"].values() for t in trials]
+        gain = _paired_gain(second["passkey"])
+        lines.append(f"- Passkey on a second model family, {Path(str(second['model'])).name} (trained context "
+                     f"{second['n_ctx_train']}), at {min(t['length'] for t in ts)}-{max(t['length'] for t in ts)} "
+                     "tokens: " + ", ".join(f"{name} found {sum(bool(t['ok']) for t in trials)}/{len(trials)}"
+                                           for name, trials in second["passkey"].items())
+                     + (f"; log P(key) SelfExtend minus ordinary {gain[0]:+.2f} (95% {gain[1]:+.2f} to "
+                        f"{gain[2]:+.2f})." if gain else "."))
     for n, g in _perplexity_goal(r, L).items():
         what = (f"worst bucket past {L} tokens ({g['worst_start']}-{g['worst_end']}) {g['worst']:.2f}x the "
                 f"perplexity of positions {L // 2 + 1}-{L} ({g['base']:.2f})")
@@ -466,6 +565,7 @@ def render_markdown(r: Dict[str, object]) -> str:
         lines += ["Methods:", ""] + [f"- {n}: {METHODS[n].note}." for n in dict.fromkeys(names)] + [""]
     lines += _summary(r, L)
     lines += _passkey_section(r, L, threads)
+    lines += _second_model_section(r, threads)
     lines += _perplexity_section(r, L, threads)
     lines += _bench_section(r, threads)
     return "\n".join(lines)

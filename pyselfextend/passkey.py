@@ -12,7 +12,7 @@ import math
 import random
 import re
 import time
-from typing import Callable, Dict, List, Optional, Tuple
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
@@ -92,11 +92,16 @@ def run_passkey(model_path: str, lengths: List[int], depths: List[float], trials
                 n_threads: Optional[int] = None, n_batch: int = 512,
                 log: Callable[[str], None] = lambda msg: None, rope_scaling: Optional[str] = None,
                 rope_factor: Optional[float] = None, grp_attn_n: Optional[int] = None,
-                show_progress: bool = False, keys: Optional[Dict[Cell, int]] = None) -> List[Dict[str, object]]:
+                show_progress: bool = False, keys: Optional[Dict[Cell, int]] = None,
+                done: Sequence[Dict[str, object]] = (),
+                on_trial: Callable[[List[Dict[str, object]]], None] = lambda results: None) -> List[Dict[str, object]]:
     """Runs the passkey test: for each length, depth and trial a random 5-digit key, greedy
     decoding of up to 16 tokens, and whether the answer's first number is the key.
 
-    The keys are ``passkey_keys(seed, lengths, depths, trials)`` unless ``keys`` gives them."""
+    The keys are ``passkey_keys(seed, lengths, depths, trials)`` unless ``keys`` gives them.
+    A trial of ``done`` (results of an earlier, interrupted run) with the same length, depth, trial
+    and key is kept as it is, not run again; ``on_trial`` gets the results so far after every
+    trial run, so that a caller can save them (a trial of a long model can take most of an hour)."""
     from .baselines import open_method
     from .methods import label_of
     from .model import LocalModel
@@ -104,8 +109,12 @@ def run_passkey(model_path: str, lengths: List[int], depths: List[float], trials
     if keys is None:
         keys = passkey_keys(seed, lengths, depths, trials)
     results: List[Dict[str, object]] = []
+    kept = {(int(t["target_length"]), float(t["depth"]), int(t["trial"]), int(t["key"])): t for t in done}
     answer_tokens = 16  # digits are single tokens in many vocabularies, and models often restate the question
     for length in lengths:
+        if all((length, d, t, keys[(length, d, t)]) in kept for d in depths for t in range(trials)):
+            results += [kept[(length, d, t, keys[(length, d, t)])] for d in depths for t in range(trials)]
+            continue
         llm = open_method(model_path, length + answer_tokens, n_threads, n_batch, grp_attn_n=grp_attn_n,
                           group_size=group_size, window=window, selfextend=selfextend, rope_scaling=rope_scaling,
                           rope_factor=rope_factor)
@@ -114,6 +123,9 @@ def run_passkey(model_path: str, lengths: List[int], depths: List[float], trials
         for depth in depths:
             for trial in range(trials):
                 key = keys[(length, depth, trial)]
+                if (length, depth, trial, key) in kept:
+                    results.append(kept[(length, depth, trial, key)])
+                    continue
                 prompt = passkey_prompt(count, length, depth, key)
                 ids = llm.tokenize(prompt)
                 if len(ids) > length:
@@ -137,6 +149,7 @@ def run_passkey(model_path: str, lengths: List[int], depths: List[float], trials
                                 "method": label_of(llm.plan)})
                 log(f"passkey: length {length} depth {depth} trial {trial}: key {key} answer {answer!r} "
                     f"{'ok' if ok else 'MISSED'}, log P(key) {logprob:.2f} ({results[-1]['seconds']} s)")
+                on_trial(list(results))
     return results
 
 

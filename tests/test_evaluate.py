@@ -149,3 +149,41 @@ def test_results_page_says_where_each_missed_key_sat():
     assert "Goal, every trial found: not met" in page
     assert "depth 0.9 at 12000 tokens (the key about 1200 tokens before the question, within the window W=2048" in page
     assert "depth 0.5 at 12000 tokens (the key about 6000 tokens before the question, beyond the window W=2048" in page
+
+
+def test_a_second_model_family_runs_selfextend_against_ordinary_and_resumes_trial_by_trial(tiny_model, tmp_path):
+    pytest.importorskip("matplotlib")
+    doc = tmp_path / "doc.txt"
+    doc.write_text("w1 w2 w3 w4 w5 " * 200)
+    out = tmp_path / "out"
+    second = tiny_model(arch="qwen2", n_ctx_train=512)
+    args = ["-m", str(tiny_model()), "--out", str(out), "--lengths", "600", "--depths", "0.2,0.8", "--ppl-ctx", "300",
+            "--bucket", "128", "--document", str(doc), "--methods", "SelfExtend", "--no-bench", "-t", "1",
+            "--second-model", str(second)]
+    r = evaluate(*args)
+    assert r.returncode == 0, r.stderr
+    whole = json.loads((out / "results.json").read_text())
+    model = whole["second_model"]
+    assert model["n_ctx_train"] == 512 and set(model["passkey"]) == {"SelfExtend", "ordinary"}
+    se, plain = model["passkey"]["SelfExtend"], model["passkey"]["ordinary"]
+    # the default lengths, 1.25x and 1.5x its trained context, two depths each, the same prompts for both
+    assert [(t["target_length"], t["depth"]) for t in se] == [(640, 0.2), (640, 0.8), (768, 0.2), (768, 0.8)]
+    assert [t["key"] for t in se] == [t["key"] for t in plain]
+    assert {t["method"] for t in se} == {"selfextend"} and {t["method"] for t in plain} == {"ordinary"}
+    gains = [a["key_logprob"] - b["key_logprob"] for a, b in zip(se, plain)]
+    page = (out / "results.md").read_text()
+    assert "## A second model family: model.gguf" in page
+    assert f"log P(key) SelfExtend minus ordinary {sum(gains) / 4:+.2f}" in page  # the summary line
+    assert f"pyselfextend passkey -m {second} --lengths 640,768 --depths 0.2,0.8 --seed 0 --no-selfextend" in page
+
+    # As if the run had stopped inside ordinary attention's first length: the finished trial is kept.
+    partial = dict(whole, second_model=dict(model, passkey={"SelfExtend": se, "ordinary": [dict(plain[0],
+                                                                                                  answer="KEPT")]}))
+    (out / "results.json").write_text(json.dumps(partial))
+    r = evaluate(*args, "--resume")
+    assert r.returncode == 0, r.stderr
+    assert "ordinary at 640: 1 trials kept from the earlier run" in r.stderr
+    assert "SelfExtend at 768: kept from the earlier run" in r.stderr
+    resumed = json.loads((out / "results.json").read_text())["second_model"]["passkey"]
+    assert resumed["SelfExtend"] == se
+    assert [t["answer"] for t in resumed["ordinary"]] == ["KEPT"] + [t["answer"] for t in plain[1:]]
