@@ -23,10 +23,11 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Dict, List, Optional
+from typing import Callable, Dict, List, Optional
 
 from .bench import batch_size, read_times, run_bench
 from .methods import METHODS, Method
+from .passkey import Cell
 
 GNU_STANDARDS_DEB = "gnu-standards"
 GNU_STANDARDS_MEMBER = "usr/share/info/standards.info.gz"
@@ -132,8 +133,8 @@ def run_evaluation(model: str, out: Path, lengths: List[int], depths: List[float
     prompts at a given length and depth.
 
     With ``resume``, the steps that an earlier, interrupted run into ``out`` finished with the same
-    settings (each method's passkey cells at one length, each method's perplexity, the benchmark)
-    are kept as they are and only the rest runs; so is every passkey trial finished. ``minutes`` counts the time of every step kept."""
+    settings (each passkey trial, each method's perplexity, the benchmark) are kept as they are and
+    only the rest runs. ``minutes`` counts the time of every step kept."""
     from . import _engine
     from .baselines import open_method
     from .models import resolve_model
@@ -227,7 +228,8 @@ def run_evaluation(model: str, out: Path, lengths: List[int], depths: List[float
 
 def _passkey_steps(section: Dict[str, List[Dict[str, object]]], earlier: Dict[str, List[Dict[str, object]]],
                    path: str, methods: List[Method], lengths: List[int], baseline_lengths: List[int],
-                   depths: List[float], keys: Dict, threads: Optional[int], save) -> None:
+                   depths: List[float], keys: Dict[Cell, int], threads: Optional[int],
+                   save: Callable[[], None]) -> None:
     """Each method's passkey trials into ``section`` (SelfExtend at ``lengths``, the others at
     ``baseline_lengths``), saved after every trial; the trials ``earlier`` finished with the same
     keys are kept, not run again."""
@@ -239,8 +241,10 @@ def _passkey_steps(section: Dict[str, List[Dict[str, object]]], earlier: Dict[st
         section[name] = []
         for n in lengths if name == "SelfExtend" else baseline_lengths:
             before = list(section[name])
-            done = [t for t in earlier.get(name, []) if t["target_length"] == n]
-            if sorted((float(t["depth"]), int(t["key"])) for t in done) == sorted((d, keys[(n, d, 0)]) for d in depths):
+            asked = {(d, keys[(n, d, 0)]) for d in depths}
+            done = [t for t in earlier.get(name, []) if t["target_length"] == n
+                    and (float(t["depth"]), int(t["key"])) in asked]
+            if len(done) == len(depths):
                 log_line(f"passkey: {name} at {n}: kept from the earlier run")
             elif done:
                 log_line(f"passkey: {name} at {n}: {len(done)} trials kept from the earlier run")
