@@ -191,12 +191,11 @@ def run_evaluation(model: str, out: Path, lengths: List[int], depths: List[float
         second_path = str(resolve_model(second_model))
         second_train = _engine.Model(second_path).n_ctx_train
         second_lengths = second_lengths or [second_train * 5 // 4, second_train * 3 // 2]
-        kept_second = (earlier or {}).get("second_model") or {}
         report["second_model"] = {"name": second_model, "model": second_path, "n_ctx_train": second_train,
                                   "passkey": {}}
-        earlier_second = kept_second.get("passkey", {}) if kept_second.get("model") == second_path else {}
-        second_methods = [METHODS["SelfExtend"], METHODS["ordinary"]]
-        _passkey_steps(report["second_model"]["passkey"], earlier_second, second_path, second_methods, second_lengths,
+        kept = (earlier or {}).get("second_model") or {}
+        _passkey_steps(report["second_model"]["passkey"], kept.get("passkey", {}) if kept.get("model") == second_path
+                       else {}, second_path, [METHODS["SelfExtend"], METHODS["ordinary"]], second_lengths,
                        second_lengths, depths, passkey_keys(0, second_lengths, depths, 1), threads, save)
 
     doc = document or fetch_gnu_standards(Path.home() / ".cache" / "pyselfextend" / "documents" / "gnu-standards.txt")
@@ -301,7 +300,6 @@ def _passkey_section(r: Dict[str, object], L: int, threads: str) -> List[str]:
     passkey: Dict[str, List[Dict[str, object]]] = r["passkey"]
     if not passkey:
         return []
-    depths = sorted({float(t["depth"]) for ts in passkey.values() for t in ts})
     lines = ["## Passkey retrieval", "",
              "A random 5-digit key is hidden at a given depth of filler text (llama.cpp's passkey wording), "
              "then asked for; the model answers by greedy decoding (16 tokens) and a trial counts as found "
@@ -309,12 +307,29 @@ def _passkey_section(r: Dict[str, object], L: int, threads: str) -> List[str]:
              "the very same prompt at a given length and depth. One trial per cell.", ""] + _passkey_table(passkey)
     lines += ["", "Seconds per trial (prompt processing plus answer): " + "; ".join(
         f"{name} {min(t['seconds'] for t in ts):.0f}-{max(t['seconds'] for t in ts):.0f} s"
-        for name, ts in passkey.items()) + ".", "", "The same runs one method at a time:", "", "```"]
+        for name, ts in passkey.items()) + "."]
+    return lines + _passkey_commands(passkey, threads)
+
+
+def _passkey_commands(passkey: Dict[str, List[Dict[str, object]]], threads: str, model: str = "") -> List[str]:
+    """The same trials one method at a time, as ``pyselfextend passkey`` commands (``-m model`` when
+    not the default model)."""
+    depths = ",".join(f"{d:g}" for d in sorted({float(t["depth"]) for ts in passkey.values() for t in ts}))
+    lines = ["", "The same runs one method at a time:", "", "```"]
     for name, trials in passkey.items():
         lengths = ",".join(size_label(n) for n in sorted({int(t["target_length"]) for t in trials}))
-        lines.append(f"pyselfextend passkey --lengths {lengths} --depths {','.join(f'{d:g}' for d in depths)} "
+        lines.append(f"pyselfextend passkey{f' -m {model}' if model else ''} --lengths {lengths} --depths {depths} "
                      f"--seed 0{_flags(name)}{threads}")
     return lines + ["```", ""]
+
+
+def _found(trials: List[Dict[str, object]]) -> str:
+    """``k/n (95% lo-hi)``: how many trials were found, with the rate's Wilson interval."""
+    from .stats import wilson_interval
+
+    k = sum(bool(t["ok"]) for t in trials)
+    lo, hi = wilson_interval(k, len(trials))
+    return f"{k}/{len(trials)} (95% {lo:.0%}-{hi:.0%})"
 
 
 def _paired_gain(passkey: Dict[str, List[Dict[str, object]]]) -> Optional[tuple]:
@@ -333,7 +348,6 @@ def _second_model_section(r: Dict[str, object], threads: str) -> List[str]:
     if not second or not second["passkey"]:
         return []
     passkey = second["passkey"]
-    depths = sorted({float(t["depth"]) for ts in passkey.values() for t in ts})
     lines = [f"## A second model family: {Path(str(second['model'])).name}", "",
              f"Its trained context is {second['n_ctx_train']} tokens. The same passkey test (seed 0, the same depths, "
              "its own tokenizer) at lengths past that, SelfExtend against ordinary attention on the same prompts; "
@@ -343,12 +357,7 @@ def _second_model_section(r: Dict[str, object], threads: str) -> List[str]:
     if gain:
         lines += ["", f"SelfExtend's log P(key) minus ordinary attention's, trial by trial: {gain[0]:+.2f} "
                       f"(95% {gain[1]:+.2f} to {gain[2]:+.2f}) over {gain[3]} trials."]
-    lines += ["", "The same runs one method at a time:", "", "```"]
-    for name, trials in passkey.items():
-        lengths = ",".join(size_label(n) for n in sorted({int(t["target_length"]) for t in trials}))
-        lines.append(f"pyselfextend passkey -m {second.get('name') or second['model']} --lengths {lengths} "
-                     f"--depths {','.join(f'{d:g}' for d in depths)} --seed 0{_flags(name)}{threads}")
-    return lines + ["```", ""]
+    return lines + _passkey_commands(passkey, threads, str(second.get("name") or second["model"]))
 
 
 def _pooled(buckets: List[Dict[str, object]]) -> float:
@@ -521,8 +530,7 @@ def _summary(r: Dict[str, object], L: int) -> List[str]:
         gain = _paired_gain(second["passkey"])
         lines.append(f"- Passkey on a second model family, {Path(str(second['model'])).name} (trained context "
                      f"{second['n_ctx_train']}), at {min(t['length'] for t in ts)}-{max(t['length'] for t in ts)} "
-                     "tokens: " + ", ".join(f"{name} found {sum(bool(t['ok']) for t in trials)}/{len(trials)}"
-                                           for name, trials in second["passkey"].items())
+                     "tokens: " + ", ".join(f"{name} found {_found(trials)}" for name, trials in second["passkey"].items())
                      + (f"; log P(key) SelfExtend minus ordinary {gain[0]:+.2f} (95% {gain[1]:+.2f} to "
                         f"{gain[2]:+.2f})." if gain else "."))
     for n, g in _perplexity_goal(r, L).items():

@@ -112,21 +112,19 @@ def run_passkey(model_path: str, lengths: List[int], depths: List[float], trials
     kept = {(int(t["target_length"]), float(t["depth"]), int(t["trial"]), int(t["key"])): t for t in done}
     answer_tokens = 16  # digits are single tokens in many vocabularies, and models often restate the question
     for length in lengths:
-        if all((length, d, t, keys[(length, d, t)]) in kept for d in depths for t in range(trials)):
-            results += [kept[(length, d, t, keys[(length, d, t)])] for d in depths for t in range(trials)]
-            continue
-        llm = open_method(model_path, length + answer_tokens, n_threads, n_batch, grp_attn_n=grp_attn_n,
-                          group_size=group_size, window=window, selfextend=selfextend, rope_scaling=rope_scaling,
-                          rope_factor=rope_factor)
-        log(f"passkey: length {length}: {llm.plan.describe()}")
-        count = lambda text: len(llm.tokenize(text))
+        llm = None  # opened by the first trial not kept
         for depth in depths:
             for trial in range(trials):
                 key = keys[(length, depth, trial)]
                 if (length, depth, trial, key) in kept:
                     results.append(kept[(length, depth, trial, key)])
                     continue
-                prompt = passkey_prompt(count, length, depth, key)
+                if llm is None:
+                    llm = open_method(model_path, length + answer_tokens, n_threads, n_batch, grp_attn_n=grp_attn_n,
+                                      group_size=group_size, window=window, selfextend=selfextend,
+                                      rope_scaling=rope_scaling, rope_factor=rope_factor)
+                    log(f"passkey: length {length}: {llm.plan.describe()}")
+                prompt = passkey_prompt(lambda text: len(llm.tokenize(text)), length, depth, key)
                 ids = llm.tokenize(prompt)
                 if len(ids) > length:
                     raise ValueError(f"the shortest passkey prompt is {len(ids)} tokens, longer than {length}")
