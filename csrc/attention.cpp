@@ -115,16 +115,18 @@ void make_attention_batch(attention_batch & b, ggml_context * ctx, const attenti
     b.n_head_kv = n_head_kv;
     b.pos = new_input(ctx, GGML_TYPE_I32, n_tokens, 0, "inp_pos");
     b.rows = new_input(ctx, GGML_TYPE_I64, n_tokens, 0, "inp_cache_rows");
-    const bool need_mask = !b.selfextend() || cfg.path == attention_path::portable;
-    b.mask = need_mask ? new_input(ctx, GGML_TYPE_F16, b.n_kv, n_tokens, "inp_kq_mask") : nullptr;
+    // The fused kernel bounds each query's keys itself; ggml's ops need the causal mask.
+    const bool fused = cfg.path == attention_path::fused;
+    b.mask = fused ? nullptr : new_input(ctx, GGML_TYPE_F16, b.n_kv, n_tokens, "inp_kq_mask");
+    // Ordinary attention on the fused path is the kernel with W = 0: every key scored against the
+    // query at its own position (see selfextend_kernel.h).
+    b.se.n_tokens = n_tokens;
+    b.se.window = b.selfextend() ? cfg.window : 0;
+    b.se.scale = cfg.kq_scale;
+    b.se.ring_size = fused ? cfg.ring_size : 0;
+    b.se.n_chunks = fused ? selfextend_choose_chunks(n_tokens, b.n_kv, cfg.n_threads) : 1;
     if (!b.selfextend()) return;
 
-    b.se.n_tokens = n_tokens;
-    b.se.window = cfg.window;
-    b.se.scale = cfg.kq_scale;
-    b.se.ring_size = cfg.path == attention_path::fused ? cfg.ring_size : 0;
-    b.se.n_chunks = cfg.path == attention_path::fused
-                        ? selfextend_choose_chunks(n_tokens, b.n_kv, cfg.n_threads) : 1;
     b.pos_key = new_input(ctx, GGML_TYPE_I32, n_tokens, 0, "inp_pos_key");
     b.pos_query_grp = new_input(ctx, GGML_TYPE_I32, n_tokens, 0, "inp_pos_query_grp");
     if (b.se.ring_size > 0) b.ring_rows = new_input(ctx, GGML_TYPE_I64, n_tokens, 0, "inp_ring_rows");
@@ -178,9 +180,13 @@ void set_attention_batch_inputs(attention_batch & b, int32_t n_past) {
     }
 }
 
-// Ordinary causal attention: ggml's flash attention over the cache.
+// Ordinary causal attention. On the CPU the fused kernel with W = 0, which scores the R query
+// heads that share a KV head against each key as one tile: ggml's flash attention reads the keys
+// once per query head, and with Qwen2.5's 7 heads per KV head it took twice the kernel's time at
+// 12k cached tokens. Elsewhere ggml's flash attention.
 static ggml_tensor * ordinary_attention(ggml_context * ctx, const attention_batch & b, ggml_tensor * q,
                                         ggml_tensor * kk, ggml_tensor * vv, float kq_scale) {
+    if (b.cfg.path == attention_path::fused) return selfextend_attention_fused(ctx, q, q, kk, vv, nullptr, &b.se);
     kk = ggml_permute(ctx, kk, 0, 2, 1, 3);  // [D, n_kv, n_head_kv]
     vv = ggml_permute(ctx, vv, 0, 2, 1, 3);
     q = ggml_permute(ctx, q, 0, 2, 1, 3);    // [D, n_tokens, n_head]

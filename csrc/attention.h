@@ -5,7 +5,8 @@
 // cache stores and how scores are formed is private to this file.
 //
 // Two kinds of attention:
-// - ordinary (group_size == 1): keys cached at their own positions, ggml's flash attention;
+// - ordinary (group_size == 1): keys cached at their own positions; the fused CPU kernel with
+//   W = 0, or on other backends ggml's flash attention;
 // - SelfExtend (group_size > 1, ../shared/SELFEXTEND.md): keys cached once, rotated to their
 //   grouped position floor(j/G). The last W + batch keys get a neighbor copy, rotated on by
 //   j - floor(j/G) (RoPE composes), so the cache stays the size of an ordinary one. Scores come

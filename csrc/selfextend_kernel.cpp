@@ -553,7 +553,7 @@ void load_block(block_rows & br, const cache_rows & c, int n_head_kv, int D, int
     br.nb = nb;
     br.nbp = nbp;
     br.any_grp = sees_grouped(j0, i_max, W);
-    br.any_nb = j_last > i_min - W && j0 <= i_max;
+    br.any_nb = W > 0 && j_last > i_min - W && j0 <= i_max;
     // Keys in lanes (an AVX2 layout): K goes from the cache straight to its transposed block, V
     // stays where it is (see block_rows); both are widened to f32 as they are read.
     const bool direct = transpose;
@@ -660,7 +660,7 @@ template <typename KRows, typename NbRows, typename VRows>
 void selfextend_forward(ggml_tensor * dst, int ith, int nth, const selfextend_op_params & p, const KRows & k_row,
                         const NbRows & nb_row, const VRows & v_row) {
     const ggml_tensor * q_n = dst->src[0], * q_g = dst->src[1];
-    const ggml_tensor * k = dst->src[2], * v = dst->src[3], * k_nb = dst->src[4];
+    const ggml_tensor * k = dst->src[2], * v = dst->src[3], * k_nb = dst->src[4];  // k_nb null when W = 0
     const int D = (int) q_n->ne[0], n_head = (int) q_n->ne[1], n_head_kv = (int) k->ne[1];
     const int R = n_head / n_head_kv;
     // Keys that exist for this batch; the cache view k may span more rows (a graph serves several
@@ -668,9 +668,9 @@ void selfextend_forward(ggml_tensor * dst, int ith, int nth, const selfextend_op
     const int32_t T = p.n_tokens, n_kv = p.n_past + T, C = p.n_chunks, W = p.window;
     const bool partial = C > 1;
     const int32_t n_tiles = (T + kTile - 1) / kTile;
-    const cache_rows cache{(const char *) k->data, (const char *) k_nb->data, (const char *) v->data,
-                           (size_t) k->nb[2], (size_t) k_nb->nb[2], (size_t) v->nb[2],
-                           (size_t) k->nb[1], (size_t) k_nb->nb[1], (size_t) v->nb[1], p.nb_lo, p.ring_size};
+    const cache_rows cache{(const char *) k->data, k_nb ? (const char *) k_nb->data : nullptr, (const char *) v->data,
+                           (size_t) k->nb[2], k_nb ? (size_t) k_nb->nb[2] : 0, (size_t) v->nb[2],
+                           (size_t) k->nb[1], k_nb ? (size_t) k_nb->nb[1] : 0, (size_t) v->nb[1], p.nb_lo, p.ring_size};
     // Sized for this batch's tiles: a decoding step's few rows in buffers sized for a prefill tile
     // lie farther apart, and decoding at 16k measured 3% slower so.
     kernel_scratch & scratch = thread_scratch();
@@ -759,7 +759,9 @@ void selfextend_op(ggml_tensor * dst, int ith, int nth, void * userdata) {
     const selfextend_op_params & p = *(const selfextend_op_params *) userdata;
     // The cache types the engine allows (kv_cache::type_from_name): f16 or f32 throughout, or a
     // q8_0 K/V with an f16 neighbor ring.
-    const ggml_type tk = dst->src[2]->type, tv = dst->src[3]->type, tnb = dst->src[4]->type;
+    // Without neighbor keys (W = 0) the neighbor type is moot: take the one that goes with K.
+    const ggml_type tk = dst->src[2]->type, tv = dst->src[3]->type;
+    const ggml_type tnb = dst->src[4] ? dst->src[4]->type : tk == GGML_TYPE_Q8_0 ? GGML_TYPE_F16 : tk;
     if (tk == GGML_TYPE_F16 && tv == GGML_TYPE_F16 && tnb == GGML_TYPE_F16) {
         selfextend_forward(dst, ith, nth, p, f16_rows{}, f16_rows{}, f16_rows{});
     } else if (tk == GGML_TYPE_F32 && tv == GGML_TYPE_F32 && tnb == GGML_TYPE_F32) {
@@ -813,13 +815,15 @@ int32_t selfextend_choose_chunks(int32_t n_tokens, int32_t n_kv, int n_threads) 
 ggml_tensor * selfextend_attention_fused(ggml_context * ctx, ggml_tensor * q_n, ggml_tensor * q_g,
                                          ggml_tensor * k, ggml_tensor * v, ggml_tensor * k_nb,
                                          const selfextend_op_params * p) {
+    GGML_ASSERT((k_nb == nullptr) == (p->window == 0));
     ggml_tensor * args[] = {q_n, q_g, k, v, k_nb};
+    const int n_args = k_nb ? 5 : 4;
     const int64_t D = q_n->ne[0], n_head = q_n->ne[1], T = q_n->ne[2];
     if (p->n_chunks <= 1) {
-        return ggml_custom_4d(ctx, GGML_TYPE_F32, D, n_head, T, 1, args, 5, selfextend_op, GGML_N_TASKS_MAX,
+        return ggml_custom_4d(ctx, GGML_TYPE_F32, D, n_head, T, 1, args, n_args, selfextend_op, GGML_N_TASKS_MAX,
                               (void *) p);
     }
-    ggml_tensor * part = ggml_custom_4d(ctx, GGML_TYPE_F32, D + 2, n_head, T, p->n_chunks, args, 5, selfextend_op,
+    ggml_tensor * part = ggml_custom_4d(ctx, GGML_TYPE_F32, D + 2, n_head, T, p->n_chunks, args, n_args, selfextend_op,
                                         GGML_N_TASKS_MAX, (void *) p);
     return ggml_custom_4d(ctx, GGML_TYPE_F32, D, n_head, T, 1, &part, 1, selfextend_merge_op, GGML_N_TASKS_MAX,
                           nullptr);

@@ -12,7 +12,7 @@ Engines:
   selfextend     pyselfextend as a user gets it for a context of (deepest depth + prefill) tokens:
                  SelfExtend with the default group size and window once that exceeds the
                  model's trained context, ordinary attention below it
-  ordinary       pyselfextend with SelfExtend off (ordinary attention, ggml flash attention)
+  ordinary       pyselfextend with SelfExtend off (ordinary attention, the same fused kernel)
   llama.cpp-fa   llama.cpp (libllama from the pinned source), flash attention on
   llama.cpp      llama.cpp, flash attention off
   llama-bench-fa, llama-bench

@@ -168,8 +168,10 @@ class LocalModel:
             ``"linear"`` (position interpolation) or ``"yarn"``, by ``rope_factor`` (default
             ``n_ctx`` / trained context).
         rope_factor: see ``rope_scaling``.
-        attention_path: how SelfExtend scores are computed: ``"auto"`` (the fused kernel on the CPU,
-            standard ggml ops on any other device), ``"fused"`` or ``"portable"``.
+        attention_path: how attention is computed: ``"auto"`` (this project's fused kernel on the
+            CPU, standard ggml ops on any other device), ``"fused"`` or ``"portable"`` (standard
+            ggml ops: for SelfExtend its score matrices, for ordinary attention ggml's flash
+            attention).
         device: where the layers and the KV cache live: ``"auto"`` (the first GPU this build has,
             else the CPU), ``"cpu"``, ``"metal"``, ``"vulkan"``, ``"cuda"`` (``"vulkan:1"``: the
             second), or ``"rpc:HOST:PORT"`` for llama.cpp RPC servers (``pyselfextend rpc-server``;

@@ -20,26 +20,46 @@ def qwen(qwen_path):
     return LocalModel(qwen_path, n_ctx=2048, n_threads=2)
 
 
+@pytest.fixture(scope="module")
+def qwen_portable(qwen_path):
+    # libllama's arithmetic: ordinary attention by ggml's flash attention
+    return LocalModel(qwen_path, n_ctx=2048, n_threads=2, attention_path="portable")
+
+
 def test_qwen_is_read_as_qwen2(qwen):
     info = qwen.info
     assert info["architecture"] == "qwen2" and info["rope_mode"] == "neox" and info["n_ctx_train"] == 32768
     assert {"q5_0", "q8_0", "q4_K", "q6_K"} <= set(info["weight_types"])
 
 
-def test_qwen_logits_match_libllama_over_500_tokens(qwen, qwen_path):
+def _spread(a, b):
+    # the largest logit difference as a fraction of a row's largest logit, and argmax agreement
+    rel = np.abs(a - b).max(axis=1) / np.abs(b).max(axis=1)
+    return float(rel.max()), float((a.argmax(axis=1) == b.argmax(axis=1)).mean())
+
+
+def test_qwen_logits_match_libllama_over_500_tokens(qwen, qwen_portable, qwen_path):
     ids = qwen.tokenize(TEXT)[:520]
-    qwen.reset()
-    ours = qwen.eval(ids, all_logits=True)
+    qwen_portable.reset()
+    ours = qwen_portable.eval(ids, all_logits=True)
     same = _engine.Reference(str(qwen_path), 2048, 512, 2, True, repack=False).eval(ids, all_logits=True)
     assert np.array_equal(ours, same)  # the same arithmetic: the same bits
     # llama.cpp as users run it repacks Q4_K weights for kernels that sum in another order.
     default = _engine.Reference(str(qwen_path), 2048, 512, 2, True).eval(ids, all_logits=True)
-    rel = np.abs(ours - default).max(axis=1) / np.abs(default).max(axis=1)
-    assert rel.max() < 0.1 and (ours.argmax(axis=1) == default.argmax(axis=1)).mean() > 0.95
+    rel, agree = _spread(ours, default)
+    assert rel < 0.1 and agree > 0.95
+    # The fused kernel (the CPU's default) rounds otherwise (f32 queries and sums): no farther
+    # from libllama than libllama with flash attention off is.
+    qwen.reset()
+    fused = qwen.eval(ids, all_logits=True)
+    off = _engine.Reference(str(qwen_path), 2048, 512, 2, False, repack=False).eval(ids, all_logits=True)
+    noise_rel, noise_agree = _spread(off, same)
+    rel, agree = _spread(fused, same)
+    assert rel <= 1.25 * noise_rel and agree >= noise_agree - 0.01, (rel, agree, noise_rel, noise_agree)
 
 
-def test_qwen_greedy_tokens_match_libllama(qwen, qwen_path):
-    prompt = qwen.tokenize("def fibonacci(n):\n    \"\"\"Return the n-th Fibonacci number.\"\"\"\n")
+def test_qwen_greedy_tokens_match_libllama(qwen_portable, qwen_path):
+    prompt = qwen_portable.tokenize("def fibonacci(n):\n    \"\"\"Return the n-th Fibonacci number.\"\"\"\n")
     ref = _engine.Reference(str(qwen_path), 2048, 512, 2, True, repack=False)
 
     def greedy(eval_fn):
@@ -49,8 +69,8 @@ def test_qwen_greedy_tokens_match_libllama(qwen, qwen_path):
             logits = eval_fn([out[-1]])
         return out
 
-    qwen.reset()
-    assert greedy(qwen.eval) == greedy(ref.eval)
+    qwen_portable.reset()
+    assert greedy(qwen_portable.eval) == greedy(ref.eval)
 
 
 def test_qwen_chat_answers_a_coding_question(qwen):

@@ -89,19 +89,21 @@ def test_decode_split_across_threads_is_exact():
 @pytest.mark.parametrize("H,Hkv,W,batch,n", [(9, 3, 40, 65, 130), (14, 2, 40, 65, 130), (4, 2, 40, 65, 130),
                                              (9, 3, 5, 80, 113)])
 @pytest.mark.parametrize("cache", ["f16", "f32", "q8_0"])
-def test_a_query_gets_the_same_bits_in_any_tile(H, Hkv, W, batch, n, cache):
+@pytest.mark.parametrize("G", [4, 1], ids=["selfextend", "ordinary"])
+def test_a_query_gets_the_same_bits_in_any_tile(H, Hkv, W, batch, n, cache, G):
     # The kernel takes a batch in tiles of 32 tokens. Batches of 65 end in a one-token tile (fewer
     # than 8 query rows: the kernel puts keys in vector lanes); the whole 130 puts those tokens in
     # full tiles (rows in lanes). Prefix reuse (the server) relies on a query's output not
     # depending on which it was: the same bits. Both splits keep every key in one chunk, so only
     # the tiles differ. With W=5 and batches of 80 of 113 tokens, token 112 is a tile of its own
     # and its last block of keys, 96-112, is partly grouped: 17 keys, transposed 8 at a time and
-    # then a tail of one.
+    # then a tail of one. Ordinary attention (G=1) runs the same kernel with no neighbor keys.
+    W = W if G > 1 else 0
     q, k, v = _qkv(np.random.default_rng(H), n, H, Hkv, 64)
-    apart = _engine._attention_probe(q, k, v, 4, W, batch, cache, "fused", n_threads=2)
-    whole = _engine._attention_probe(q, k, v, 4, W, n, cache, "fused", n_threads=2)
+    apart = _engine._attention_probe(q, k, v, G, W, batch, cache, "fused", n_threads=2)
+    whole = _engine._attention_probe(q, k, v, G, W, n, cache, "fused", n_threads=2)
     assert np.array_equal(apart, whole)
-    assert _rel(whole, selfextend_attention(q, k, v, 4, W)) <= {"f32": 1e-5, "f16": 2e-3, "q8_0": 3e-2}[cache]
+    assert _rel(whole, selfextend_attention(q, k, v, G, W)) <= {"f32": 1e-5, "f16": 2e-3, "q8_0": 3e-2}[cache]
 
 
 def test_cache_is_an_ordinary_cache_plus_o_of_w(tiny_model):

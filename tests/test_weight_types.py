@@ -39,7 +39,8 @@ def quantized(smollm_path):
 @pytest.mark.parametrize("kind, pure, types", FILES, ids=[f[0] + ("-pure" if f[1] else "") for f in FILES])
 def test_every_weight_type_matches_libllama(quantized, kind, pure, types):
     path = quantized(kind, pure)
-    llm = LocalModel(path, n_ctx=256, n_threads=2, adaptive_threads=False)
+    # The portable path: ordinary attention is ggml's flash attention, as in libllama.
+    llm = LocalModel(path, n_ctx=256, n_threads=2, adaptive_threads=False, attention_path="portable")
     assert types <= set(llm.info["weight_types"]), llm.info["weight_types"]
     ids = llm.tokenize("The committee met on Tuesday to review the budget. After a long discussion about the "
                        "costs of the new library, the members agreed to postpone the vote until the spring, "
