@@ -56,14 +56,14 @@ struct attention_batch {
     int32_t n_head_kv = 0;
     ggml_tensor * pos = nullptr;     // I32 [n_tokens]: absolute positions n_past ..
     ggml_tensor * rows = nullptr;    // I64 [n_tokens]: the cache rows this batch's K and V go to
-    ggml_tensor * mask = nullptr;    // F16 [n_kv, n_tokens]: 0 where key j is visible, -inf elsewhere
+    ggml_tensor * mask = nullptr;    // F16 [n_kv, n_tokens], portable path: 0 where key j is visible, -inf elsewhere
+    selfextend_op_params se;         // fused path: the kernel's parameters (live as long as the batch)
     // SelfExtend only:
     ggml_tensor * pos_key = nullptr;        // I32 [n_tokens]: floor(i/G), where new keys are cached
     ggml_tensor * pos_query_grp = nullptr;  // I32 [n_tokens]: floor(i/G) + W - floor(W/G)
     ggml_tensor * pos_neighbor = nullptr;   // I32 [n_kv], portable path: j - floor(j/G), rotation to neighbor keys
     ggml_tensor * ring_rows = nullptr;      // I64 [n_tokens], fused path: the ring rows of the new neighbor keys
     ggml_tensor * select = nullptr;         // F32 [n_kv, n_tokens], portable path: 1 = neighbor score
-    selfextend_op_params se;                // fused kernel parameters (lives as long as the batch)
 
     bool selfextend() const { return cfg.group_size > 1; }
 };
