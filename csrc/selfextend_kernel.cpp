@@ -703,7 +703,7 @@ void selfextend_forward(ggml_tensor * dst, int ith, int nth, const selfextend_op
                 const float * qg = (const float *) ((const char *) q_g->data + t * q_g->nb[2] + h * q_g->nb[1]);
                 const size_t at = keys_in_lanes ? (size_t) r * D : r, step = keys_in_lanes ? 1 : ts.NR;
                 for (int d = 0; d < D && (r < ts.n_rows || !keys_in_lanes); ++d) {
-                    ts.qn_t[at + d * step] = qn[d] * p.scale;
+                    if (W > 0) ts.qn_t[at + d * step] = qn[d] * p.scale;  // W = 0: no neighbor scores
                     ts.qg_t[at + d * step] = qg[d] * p.scale;
                 }
                 ts.pos[r] = p.n_past + t;
@@ -758,15 +758,15 @@ void selfextend_forward(ggml_tensor * dst, int ith, int nth, const selfextend_op
 void selfextend_op(ggml_tensor * dst, int ith, int nth, void * userdata) {
     const selfextend_op_params & p = *(const selfextend_op_params *) userdata;
     // The cache types the engine allows (kv_cache::type_from_name): f16 or f32 throughout, or a
-    // q8_0 K/V with an f16 neighbor ring.
-    // Without neighbor keys (W = 0) the neighbor type is moot: take the one that goes with K.
+    // q8_0 K/V with an f16 neighbor ring. Without neighbor keys (W = 0) only K and V choose.
     const ggml_type tk = dst->src[2]->type, tv = dst->src[3]->type;
-    const ggml_type tnb = dst->src[4] ? dst->src[4]->type : tk == GGML_TYPE_Q8_0 ? GGML_TYPE_F16 : tk;
-    if (tk == GGML_TYPE_F16 && tv == GGML_TYPE_F16 && tnb == GGML_TYPE_F16) {
+    const ggml_tensor * k_nb = dst->src[4];
+    auto nb_is = [k_nb](ggml_type t) { return k_nb == nullptr || k_nb->type == t; };
+    if (tk == GGML_TYPE_F16 && tv == GGML_TYPE_F16 && nb_is(GGML_TYPE_F16)) {
         selfextend_forward(dst, ith, nth, p, f16_rows{}, f16_rows{}, f16_rows{});
-    } else if (tk == GGML_TYPE_F32 && tv == GGML_TYPE_F32 && tnb == GGML_TYPE_F32) {
+    } else if (tk == GGML_TYPE_F32 && tv == GGML_TYPE_F32 && nb_is(GGML_TYPE_F32)) {
         selfextend_forward(dst, ith, nth, p, f32_rows{}, f32_rows{}, f32_rows{});
-    } else if (tk == GGML_TYPE_Q8_0 && tv == GGML_TYPE_Q8_0 && tnb == GGML_TYPE_F16 &&
+    } else if (tk == GGML_TYPE_Q8_0 && tv == GGML_TYPE_Q8_0 && nb_is(GGML_TYPE_F16) &&
                ggml_blck_size(GGML_TYPE_Q8_0) == q8_0_rows::kValues && ggml_type_size(GGML_TYPE_Q8_0) == q8_0_rows::kBytes) {
         selfextend_forward(dst, ith, nth, p, q8_0_rows{}, f16_rows{}, q8_0_rows{});
     } else {

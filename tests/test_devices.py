@@ -4,8 +4,8 @@ $PYSELFEXTEND_TEST_DEVICE (scripts/test-vulkan.sh sets ``vulkan``) when it is se
 
 On an RPC server the layers run on the server's CPU backend with the same thread count, so the
 logits must equal the CPU run's bit for bit when the CPU run takes the portable path too (ggml's
-flash attention for ordinary attention, standard ggml ops for SelfExtend). Another device has numerics of its own: its bounds
-are the measured ones given in DEVICE_BOUNDS.
+flash attention for ordinary attention, standard ggml ops for SelfExtend). Another device has
+numerics of its own: its bounds are the measured ones given in DEVICE_BOUNDS.
 """
 from __future__ import annotations
 
